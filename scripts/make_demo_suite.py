@@ -1,0 +1,293 @@
+"""Build the embedded demo checkpoint suite shipped as ``ckptscope/demo_suite``.
+
+Why
+---
+``ckptscope demo`` and the test-suite need a real training run to analyze
+without downloading Pythia: a model with the GPT-NeoX (Pythia) architecture,
+trained on real English text, saved at a Pythia-like log-spaced step grid and
+laid out like a Pythia release (one ``step{N}/`` directory per checkpoint with
+``config.json`` and float16 ``model.safetensors``).  The run is tiny enough to
+ship in the wheel yet actually learns: its loss falls clearly and it memorizes
+a few planted "canary" sequences, so weight analyzers (spectra, ranks, norms,
+deltas vs step 0) and activation analyzers (CKA to the final checkpoint,
+memorization) have real dynamics to show.
+
+How
+---
+1. Read ``scripts/data/kjv_genesis_exodus_matthew.txt`` (public-domain King
+   James Bible text, committed so this needs no apt; its first line names the
+   source and is skipped).
+2. Train a 512-token byte-level BPE with ``tokenizers``; save it as
+   ``tokenizer.json`` + ``tokenizer_config.json`` (loadable by
+   ``transformers.AutoTokenizer``).
+3. Cut 32 evenly spaced 64-token windows out of the token stream as held-out
+   probes (``probe.jsonl``); train windows never overlap them.  Draw 8 random
+   64-token canaries (``canaries.jsonl``).
+4. Train ``GPTNeoXForCausalLM`` (hidden 64, 4 layers, 4 heads, MLP 256,
+   rotary_pct 0.25, parallel residual, untied head) in float32 with AdamW,
+   linear warmup + cosine decay, batches of 31 random text windows + 1 canary
+   (cycling through the 8), for 2000 steps.  Step 0 is the initialization.
+5. At every grid step save a float16 copy of the state dict with
+   ``safetensors`` under Pythia's tensor names (the LM head as
+   ``embed_out.weight``) and ``config.json``; the tokenizer goes into the
+   final step and the suite root.
+6. Reload every saved checkpoint with ``GPTNeoXForCausalLM.from_pretrained``
+   (failing on any missing/unexpected key) and measure, on the shipped float16
+   weights: loss on fixed train windows and on the probes, and how many
+   canaries greedy decoding of their first 32 tokens reproduces exactly for the
+   next 32.  Write ``suite.json`` and print the report.
+
+Everything is seeded and runs with deterministic algorithms, so reruns on the
+same software stack produce byte-identical files.
+
+Usage::
+
+    python scripts/make_demo_suite.py --out src/ckptscope/demo_suite
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AutoTokenizer, GPTNeoXConfig, GPTNeoXForCausalLM
+
+TEXT_PATH = Path(__file__).resolve().parent / "data" / "kjv_genesis_exodus_matthew.txt"
+EOS = "<|endoftext|>"
+VOCAB_SIZE = 512
+SEQ_LEN = 64
+BATCH_SIZE = 32  # 31 text windows + 1 canary per step
+TRAIN_STEPS = 2000
+STEPS = [0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, *range(750, TRAIN_STEPS + 1, 250)]
+PEAK_LR = 2e-3
+WARMUP_STEPS = 100
+MIN_LR_RATIO = 0.1
+NUM_CANARIES = 8
+CANARY_PREFIX = 32
+NUM_PROBES = 32
+NUM_TRAIN_EVAL = 64
+SEED = 1234
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
+def read_text() -> tuple[str, str]:
+    """Return (header line naming the source, training text)."""
+    header, body = TEXT_PATH.read_text(encoding="utf-8").split("\n", 1)
+    return header, body
+
+
+def train_tokenizer(text: str) -> Tokenizer:
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB_SIZE,
+        special_tokens=[EOS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator([text], trainer=trainer)
+    return tok
+
+
+def save_tokenizer(tok: Tokenizer, directory: Path) -> None:
+    tok.save(str(directory / "tokenizer.json"))
+    tokenizer_config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": EOS,
+        "eos_token": EOS,
+        "unk_token": EOS,
+        "model_max_length": SEQ_LEN * 2,
+    }
+    (directory / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n")
+
+
+def split_windows(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cut NUM_PROBES evenly spaced held-out windows out of the token stream.
+
+    Returns (probe windows [NUM_PROBES, SEQ_LEN], valid train window starts):
+    a train start is valid when its whole window avoids every probe window.
+    """
+    n_blocks = len(ids) // SEQ_LEN
+    probe_blocks = torch.linspace(0, n_blocks - 1, NUM_PROBES).round().long()
+    probes = torch.stack([ids[b * SEQ_LEN : (b + 1) * SEQ_LEN] for b in probe_blocks])
+    held_out = torch.zeros(len(ids), dtype=torch.bool)
+    for b in probe_blocks:
+        held_out[b * SEQ_LEN : (b + 1) * SEQ_LEN] = True
+    # window [s, s + SEQ_LEN) is clean iff the prefix count of held-out tokens does not change over it
+    prefix = torch.cat([torch.zeros(1, dtype=torch.long), held_out.long().cumsum(0)])
+    starts = torch.arange(len(ids) - SEQ_LEN + 1)
+    clean = prefix[starts + SEQ_LEN] == prefix[starts]
+    return probes, starts[clean]
+
+
+def make_config(eos_id: int) -> GPTNeoXConfig:
+    return GPTNeoXConfig(
+        vocab_size=VOCAB_SIZE,
+        hidden_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        intermediate_size=256,
+        max_position_embeddings=SEQ_LEN * 2,
+        rotary_pct=0.25,
+        use_parallel_residual=True,
+        tie_word_embeddings=False,
+        bos_token_id=eos_id,
+        eos_token_id=eos_id,
+        architectures=["GPTNeoXForCausalLM"],
+    )
+
+
+def pythia_name(name: str) -> str:
+    """transformers 5 calls the LM head ``lm_head``; Pythia checkpoints call it ``embed_out``."""
+    return "embed_out." + name.removeprefix("lm_head.") if name.startswith("lm_head.") else name
+
+
+def save_checkpoint(model: GPTNeoXForCausalLM, directory: Path) -> None:
+    directory.mkdir(parents=True)
+    state = {pythia_name(k): v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    model.config.to_json_file(str(directory / "config.json"))
+
+
+def lr_at(step: int) -> float:
+    """Learning-rate multiplier for optimizer update number ``step`` (1-based)."""
+    if step <= WARMUP_STEPS:
+        return step / WARMUP_STEPS
+    progress = (step - WARMUP_STEPS) / (TRAIN_STEPS - WARMUP_STEPS)
+    return MIN_LR_RATIO + (1 - MIN_LR_RATIO) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def train(ids: torch.Tensor, starts: torch.Tensor, canaries: torch.Tensor, eos_id: int, out: Path) -> float:
+    """Train and save every grid step under ``out``; return the training wall time in seconds."""
+    torch.manual_seed(SEED)
+    model = GPTNeoXForCausalLM(make_config(eos_id))
+    model.config.dtype = torch.float16  # dtype of the saved copies; training stays in float32
+    model.train()
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=PEAK_LR,
+        betas=(0.9, 0.95),
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_at)
+    data_gen = torch.Generator().manual_seed(SEED + 1)
+    offsets = torch.arange(SEQ_LEN)
+    save_checkpoint(model, out / "step0")
+    t0 = time.perf_counter()
+    for step in range(1, TRAIN_STEPS + 1):
+        picks = starts[torch.randint(len(starts), (BATCH_SIZE - 1,), generator=data_gen)]
+        batch = torch.cat([ids[picks[:, None] + offsets], canaries[step % NUM_CANARIES][None]])
+        loss = model(input_ids=batch, labels=batch).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        if step in STEPS:
+            save_checkpoint(model, out / f"step{step}")
+    return time.perf_counter() - t0
+
+
+@torch.no_grad()
+def evaluate(directory: Path, train_eval: torch.Tensor, probes: torch.Tensor, canaries: torch.Tensor) -> dict:
+    """Reload a saved checkpoint and measure it (float16 weights, computed in float32)."""
+    model, info = GPTNeoXForCausalLM.from_pretrained(directory, dtype=torch.float32, output_loading_info=True)
+    problems = {k: v for k, v in info.items() if v}
+    if problems:
+        raise RuntimeError(f"{directory}: loading problems {problems}")
+    model.eval()
+    seq = canaries[:, :CANARY_PREFIX]
+    for _ in range(SEQ_LEN - CANARY_PREFIX):
+        seq = torch.cat([seq, model(input_ids=seq).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    matches = seq[:, CANARY_PREFIX:] == canaries[:, CANARY_PREFIX:]
+    return {
+        "train_loss": model(input_ids=train_eval, labels=train_eval).loss.item(),
+        "probe_loss": model(input_ids=probes, labels=probes).loss.item(),
+        "canaries_memorized": int(matches.all(dim=1).sum()),
+        "canary_tokens_matched": matches.float().mean().item(),
+    }
+
+
+def dir_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n", 1)[0])
+    parser.add_argument("--out", type=Path, required=True, help="suite directory (step dirs are replaced)")
+    out = parser.parse_args().out
+
+    torch.use_deterministic_algorithms(True)
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in out.glob("step*"):
+        shutil.rmtree(stale)
+
+    header, text = read_text()
+    tok = train_tokenizer(text)
+    eos_id = tok.token_to_id(EOS)
+    ids = torch.tensor(tok.encode(text).ids, dtype=torch.long)
+    probes, starts = split_windows(ids)
+
+    gen = torch.Generator().manual_seed(SEED + 2)
+    # canaries are uniform over the non-special tokens (every id except EOS)
+    canaries = torch.randint(VOCAB_SIZE - 1, (NUM_CANARIES, SEQ_LEN), generator=gen)
+    canaries += (canaries >= eos_id).long()
+    train_eval = ids[starts[torch.randint(len(starts), (NUM_TRAIN_EVAL,), generator=gen)][:, None] + torch.arange(SEQ_LEN)]
+
+    for filename, prefix, rows in (("canaries.jsonl", "canary", canaries), ("probe.jsonl", "probe", probes)):
+        with open(out / filename, "w") as f:
+            for i, row in enumerate(rows.tolist()):
+                f.write(json.dumps({"id": f"{prefix}-{i}", "tokens": row}) + "\n")
+    save_tokenizer(tok, out)
+
+    print(f"text: {header}")
+    print(f"      {len(text.encode())} bytes -> {len(ids)} tokens (vocab {tok.get_vocab_size()}), "
+          f"{len(starts)} train window starts, {NUM_PROBES} probe windows")
+    seconds = train(ids, starts, canaries, eos_id, out)
+    print(f"trained {TRAIN_STEPS} steps x {BATCH_SIZE}x{SEQ_LEN} tokens in {seconds:.1f} s "
+          f"({torch.get_num_threads()} threads)")
+
+    final = out / f"step{TRAIN_STEPS}"
+    save_tokenizer(tok, final)
+    hf_tok = AutoTokenizer.from_pretrained(final)
+    sample = text[:20000]
+    if hf_tok(sample)["input_ids"] != tok.encode(sample).ids or hf_tok.eos_token_id != eos_id:
+        raise RuntimeError("AutoTokenizer does not reproduce the trained tokenizer")
+
+    results = {step: evaluate(out / f"step{step}", train_eval, probes, canaries) for step in STEPS}
+    print(f"{'step':>6} {'train_loss':>10} {'probe_loss':>10} {'canaries':>8} {'canary_tok':>10}")
+    for step, r in results.items():
+        print(f"{step:>6} {r['train_loss']:>10.4f} {r['probe_loss']:>10.4f} "
+              f"{r['canaries_memorized']:>6}/{NUM_CANARIES} {r['canary_tokens_matched']:>10.3f}")
+
+    suite = {
+        "name": "demo-neox",
+        "architecture": "gpt_neox",
+        "tokens_per_step": BATCH_SIZE * SEQ_LEN,
+        "steps": STEPS,
+        "text_source": header,
+        "seq_len": SEQ_LEN,
+        "batch_size": BATCH_SIZE,
+        "canaries_per_batch": 1,
+        "seed": SEED,
+        "train_loss": {str(s): round(r["train_loss"], 4) for s, r in results.items()},
+        "probe_loss": {str(s): round(r["probe_loss"], 4) for s, r in results.items()},
+        "canaries_memorized": {str(s): r["canaries_memorized"] for s, r in results.items()},
+        "num_canaries": NUM_CANARIES,
+        "canaries_memorized_at_final": results[TRAIN_STEPS]["canaries_memorized"],
+    }
+    (out / "suite.json").write_text(json.dumps(suite, indent=2) + "\n")
+    print(f"demo suite: {dir_bytes(out)} bytes in {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,168 @@
+"""`ckptscope`: a thin command line over the Python API.
+
+Each command parses options, calls one documented function, and prints the result. A
+`CkptscopeError` (a user mistake) becomes one line on stderr and exit status 1, never a
+traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from importlib.resources import files
+from pathlib import Path
+
+import click
+import polars as pl
+from rich.console import Console
+from rich.table import Table
+
+from ckptscope.errors import CkptscopeError, StoreError
+from ckptscope.pipeline import ingest as run_ingest
+from ckptscope.store.db import Store, default_store_path
+
+out = Console()
+err = Console(stderr=True)
+DEMO_STORE = "ckptscope-demo.duckdb"
+DEMO_QUERIES = [
+    ("Steps ingested, with tokens seen",
+     "SELECT step, tokens, duplicate_of FROM checkpoints WHERE model = 'demo-neox' ORDER BY step"),
+    ("Stable rank of each layer's fused QKV matrix, first vs last step",
+     "SELECT layer, step, round(value, 3) AS stable_rank FROM metrics WHERE model = 'demo-neox' AND metric = 'stable_rank' "
+     "AND component = 'attn.qkv' AND step IN (SELECT min(step) FROM checkpoints UNION SELECT max(step) FROM checkpoints) ORDER BY layer, step"),
+    ("Gradual rank increase: numerical rank of W_t - W_0 for layer 0's MLP input matrix",
+     "SELECT step, value AS delta_init_numerical_rank FROM metrics WHERE model = 'demo-neox' AND layer = 0 AND component = 'mlp.in' "
+     "AND metric = 'delta_init_numerical_rank' ORDER BY step"),
+    ("Heavy-tail exponent alpha per layer and component at the final step",
+     "PIVOT (SELECT layer, component, round(value, 2) AS alpha FROM metrics WHERE model = 'demo-neox' AND metric = 'alpha' "
+     "AND layer IS NOT NULL AND step = (SELECT max(step) FROM checkpoints)) ON component USING first(alpha) ORDER BY layer"),
+]
+
+
+def _store_option(f):
+    return click.option("--store", type=click.Path(path_type=Path), default=None,
+                        help="DuckDB store file [default: $CKPTSCOPE_STORE or ./ckptscope.duckdb].")(f)
+
+
+def _friendly(f):
+    """Turn user mistakes into one line on stderr and a non-zero exit."""
+    @functools.wraps(f)
+    def wrapper(*args, **kwargs):
+        try:
+            return f(*args, **kwargs)
+        except CkptscopeError as exc:
+            err.print(f"[bold red]error:[/] {exc}", markup=True, highlight=False, soft_wrap=True)
+            sys.exit(1)
+        except KeyboardInterrupt:
+            err.print("interrupted: completed checkpoints are saved; run the same command again to resume", highlight=False)
+            sys.exit(130)
+    return wrapper
+
+
+def _show(df: pl.DataFrame, title: str | None = None) -> None:
+    table = Table(title=title, title_justify="left", show_lines=False)
+    for col in df.columns:
+        table.add_column(col, overflow="fold")
+    for row in df.iter_rows():
+        table.add_row(*("" if v is None else str(v) for v in row))
+    out.print(table)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="ckptscope")
+def main() -> None:
+    """Analyze how every layer of a network changes across training checkpoints."""
+
+
+@main.command()
+@click.argument("source")
+@_store_option
+@click.option("--name", help="Model name in the store [default: SOURCE's directory name].")
+@click.option("--steps", help="Steps: all, first, last, log, 0,1000,5000, 0:143000:1000, or STEP=PATH pairs.")
+@click.option("--max", "max_steps", type=int, help="At most N steps, spread evenly in log-step.")
+@click.option("--analyzers", default="weights", show_default=True, help="Comma-separated analyzer names.")
+@click.option("--force", is_flag=True, help="Recompute steps that are already in the store.")
+@click.option("--tokens-per-step", type=int, help="Tokens seen per optimizer step, to fill `tokens`.")
+@click.option("--rtol", type=float, default=1e-3, show_default=True, help="Relative tolerance of numerical_rank.")
+@click.option("--device", default="cpu", show_default=True, help="Torch device for the spectral work.")
+@_friendly
+def ingest(source, store, name, steps, max_steps, analyzers, force, tokens_per_step, rtol, device):
+    """Analyze the checkpoints in SOURCE (a local run directory) into the store."""
+    report = run_ingest(source, store=store or default_store_path(), name=name, steps=steps, max_steps=max_steps,
+                        analyzers=analyzers, force=force, tokens_per_step=tokens_per_step, rtol=rtol,
+                        device=device, progress=True)
+    if report.height:
+        dup = report.filter(pl.col("duplicate_of").is_not_null())
+        extra = f"; {dup.height} duplicate checkpoint(s) flagged" if dup.height else ""
+        out.print(f"ingested {report.height} checkpoint(s) in {report['seconds'].sum():.1f}s{extra}")
+    else:
+        out.print("nothing to do: every selected step is already in the store (use --force to recompute)")
+
+
+@main.command()
+@click.argument("query")
+@_store_option
+@click.option("--format", "fmt", type=click.Choice(["table", "csv", "json", "parquet"]), default="table", show_default=True)
+@click.option("--output", "-o", type=click.Path(path_type=Path), help="Write the result to FILE instead of stdout.")
+@_friendly
+def sql(query, store, fmt, output):
+    """Run a read-only SQL QUERY against the store."""
+    if fmt == "parquet" and output is None:
+        raise CkptscopeError("--format parquet needs --output FILE")
+    with Store(store or default_store_path(), read_only=True) as db:
+        df = db.sql(query)
+    if fmt == "table":
+        if output:
+            output.write_text(str(df))
+        else:
+            _show(df)
+    elif fmt == "parquet":
+        df.write_parquet(output)
+    else:
+        text = df.write_csv() if fmt == "csv" else df.write_json()
+        if output:
+            output.write_text(text)
+        else:
+            click.echo(text, nl=fmt == "json")
+
+
+@main.command(name="ls")
+@_store_option
+@_friendly
+def ls(store):
+    """List models, steps ingested, analyzers run and anomalies."""
+    with Store(store or default_store_path(), read_only=True) as db:
+        summary, anomalies = db.summary(), db.anomalies()
+    if not summary.height:
+        out.print("the store holds no models yet; run `ckptscope ingest SOURCE` or `ckptscope demo`")
+        return
+    _show(summary, "models")
+    if anomalies.height:
+        _show(anomalies.select("model", "step", "tensor", "kind", "detail").head(50),
+              f"anomalies ({anomalies.height}{', first 50 shown' if anomalies.height > 50 else ''})")
+    else:
+        out.print("no anomalies")
+
+
+@main.command()
+@click.option("--store", type=click.Path(path_type=Path), default=DEMO_STORE, show_default=True, help="Store file to write.")
+@_friendly
+def demo(store):
+    """Ingest the embedded demo suite (offline) and show example queries."""
+    suite = Path(str(files("ckptscope") / "demo_suite"))
+    if not any(suite.glob("step*")):
+        raise StoreError(f"the demo suite is missing from {suite}; reinstall ckptscope")
+    with Store(store) as db:
+        run_ingest(suite, store=db, name="demo-neox", tokens_per_step=_demo_tokens_per_step(suite), progress=True)
+    with Store(store, read_only=True) as db:
+        for title, query in DEMO_QUERIES:
+            out.print(f"\n[bold]{title}[/]\n[dim]$ ckptscope sql --store {store} \"{query}\"[/]", highlight=False)
+            _show(db.sql(query))
+    out.print(f"\nstore: {store}   try: ckptscope ls --store {store}")
+
+
+def _demo_tokens_per_step(suite: Path) -> int | None:
+    import json
+
+    meta = suite / "suite.json"
+    return json.loads(meta.read_text()).get("tokens_per_step") if meta.is_file() else None

@@ -1,0 +1,226 @@
+"""One checkpoint on disk, read one tensor at a time.
+
+A checkpoint is a directory holding `config.json` and the weights in exactly one format:
+single or sharded safetensors (`model.safetensors`, or shards listed by
+`model.safetensors.index.json`), or single or sharded PyTorch pickles (`pytorch_model.bin`,
+or `pytorch_model.bin.index.json`). When both formats are present, safetensors wins and the
+`.bin` files are never opened.
+
+Memory stays near the size of one tensor: safetensors are read with a seek and one read of
+exactly that tensor's bytes (no mmap, so untouched pages never count against RSS), and
+`.bin` files are opened with `torch.load(weights_only=True, mmap=True)` so only the tensor
+asked for is paged in. `weights_only=True` means a pickle that needs arbitrary objects is
+refused, never executed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import pickle
+import struct
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import torch
+
+from ckptscope.errors import SourceError
+
+SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+SAFETENSORS_SINGLE = "model.safetensors"
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+BIN_SINGLE = "pytorch_model.bin"
+BIN_INDEX = "pytorch_model.bin.index.json"
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where a tensor lives and what it is, known without reading its data."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str  # torch dtype name without the "torch." prefix, e.g. "float16"
+    file: Path
+    offset: int = 0  # safetensors: byte offset of the data in the file
+    nbytes: int = 0
+
+
+def weight_files(path: Path) -> tuple[str, list[Path]]:
+    """The weight format of a checkpoint directory and its files, in name order.
+
+    Raises SourceError when the directory holds no weights or an index names a missing shard.
+    """
+    for fmt, single, index in (
+        ("safetensors", SAFETENSORS_SINGLE, SAFETENSORS_INDEX),
+        ("bin", BIN_SINGLE, BIN_INDEX),
+    ):
+        if (path / index).is_file():
+            try:
+                weight_map = json.loads((path / index).read_text())["weight_map"]
+            except (ValueError, KeyError) as exc:
+                raise SourceError(f"{path / index}: not a valid shard index ({exc}); re-download or re-save the checkpoint") from None
+            files = sorted({path / f for f in weight_map.values()})
+            missing = [f.name for f in files if not f.is_file()]
+            if missing:
+                raise SourceError(f"{path}: shard(s) {', '.join(missing)} listed in {index} are missing; re-download the checkpoint")
+            return fmt, files
+        if (path / single).is_file():
+            return fmt, [path / single]
+    # Trainer directories also hold training_args.bin, optimizer.pt…: only weight files count.
+    others = sorted(path.glob("*.safetensors")) or sorted(path.glob("pytorch_model*.bin"))
+    if others:
+        fmt = "safetensors" if others[0].suffix == ".safetensors" else "bin"
+        return fmt, others
+    raise SourceError(f"{path}: no model.safetensors, pytorch_model.bin or shard index found; point SOURCE at a directory of checkpoints")
+
+
+def _read_safetensors_header(file: Path) -> list[TensorInfo]:
+    """Parse and validate a safetensors header: a truncated or corrupt file fails here, before any analysis."""
+    size = file.stat().st_size
+    with open(file, "rb") as fh:
+        raw = fh.read(8)
+        if len(raw) < 8:
+            raise SourceError(f"{file}: truncated safetensors file ({size} bytes); re-download or re-save it")
+        (header_len,) = struct.unpack("<Q", raw)
+        if header_len > size - 8 or header_len > 100_000_000:
+            raise SourceError(f"{file}: corrupt safetensors header (claims {header_len} bytes, file has {size}); re-download or re-save it")
+        try:
+            header = json.loads(fh.read(header_len))
+        except ValueError:
+            raise SourceError(f"{file}: corrupt safetensors header (not JSON); re-download or re-save it") from None
+    data_start = 8 + header_len
+    infos = []
+    end = 0
+    for name, meta in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype = SAFETENSORS_DTYPES[meta["dtype"]]
+            start, stop = meta["data_offsets"]
+            shape = tuple(int(s) for s in meta["shape"])
+        except (KeyError, TypeError, ValueError):
+            raise SourceError(f"{file}: corrupt safetensors entry for {name!r}; re-download or re-save it") from None
+        numel = 1
+        for s in shape:
+            numel *= s
+        if stop - start != numel * dtype.itemsize:
+            raise SourceError(f"{file}: tensor {name!r} has {stop - start} bytes for shape {shape}; the file is corrupt")
+        end = max(end, stop)
+        infos.append(TensorInfo(name, shape, str(dtype).removeprefix("torch."), file, data_start + start, stop - start))
+    if data_start + end > size:
+        raise SourceError(f"{file}: truncated safetensors file ({size} bytes, header needs {data_start + end}); re-download it")
+    return infos
+
+
+def _load_bin(file: Path) -> dict[str, torch.Tensor]:
+    """Memory-map a PyTorch checkpoint without executing arbitrary pickled code."""
+    try:
+        try:
+            state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as exc:
+            if "mmap" not in str(exc) and "zip" not in str(exc):
+                raise
+            # Legacy (pre-zip) serialization cannot be memory-mapped; it loads whole.
+            state = torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise SourceError(
+            f"{file}: refused, it needs arbitrary unpickling ({first[:160]}); "
+            "re-save the weights as a plain state dict or safetensors"
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError) as exc:
+        raise SourceError(f"{file}: cannot read PyTorch checkpoint ({str(exc).splitlines()[0][:160]}); re-download or re-save it") from None
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise SourceError(f"{file}: not a state dict of tensors; save model.state_dict() or use safetensors")
+    return state
+
+
+class Checkpoint:
+    """The weights of one training step, opened lazily and read tensor by tensor."""
+
+    def __init__(self, path: Path | str, *, step: int, revision: str | None = None) -> None:
+        self.path = Path(path)
+        self.step = step
+        self.revision = revision if revision is not None else self.path.name
+        if not self.path.is_dir():
+            raise SourceError(f"{self.path}: checkpoint directory does not exist")
+        self.format, self.files = weight_files(self.path)
+        self._bin_states: dict[Path, dict[str, torch.Tensor]] = {}
+
+    @cached_property
+    def config(self) -> dict | None:
+        """The HF `config.json`, or None for a run that has none."""
+        cfg = self.path / "config.json"
+        if not cfg.is_file():
+            return None
+        try:
+            return json.loads(cfg.read_text())
+        except ValueError:
+            raise SourceError(f"{cfg}: not valid JSON; fix or remove it") from None
+
+    @cached_property
+    def tensors(self) -> dict[str, TensorInfo]:
+        """Every stored tensor by name, from headers only; validates the files on the way."""
+        infos: dict[str, TensorInfo] = {}
+        for file in self.files:
+            if self.format == "safetensors":
+                found = _read_safetensors_header(file)
+            else:
+                state = self._bin_state(file)
+                found = [
+                    TensorInfo(n, tuple(t.shape), str(t.dtype).removeprefix("torch."), file)
+                    for n, t in state.items()
+                ]
+            for info in found:
+                infos[info.name] = info
+        return infos
+
+    def _bin_state(self, file: Path) -> dict[str, torch.Tensor]:
+        if file not in self._bin_states:
+            self._bin_states[file] = _load_bin(file)
+        return self._bin_states[file]
+
+    def read(self, name: str) -> torch.Tensor:
+        """Read one tensor into memory in its stored dtype."""
+        info = self.tensors[name]
+        if self.format == "bin":
+            return self._bin_state(info.file)[name].clone()
+        with open(info.file, "rb") as fh:
+            fh.seek(info.offset)
+            buf = bytearray(fh.read(info.nbytes))
+        if len(buf) != info.nbytes:
+            raise SourceError(f"{info.file}: truncated while reading {name!r}; re-download it")
+        dtype = getattr(torch, info.dtype)
+        if info.nbytes == 0:
+            return torch.empty(info.shape, dtype=dtype)
+        return torch.frombuffer(buf, dtype=dtype).reshape(info.shape)
+
+    def content_hash(self) -> str:
+        """sha256 over the weight files' bytes in name order: equal hashes mean byte-identical weights."""
+        digest = hashlib.sha256()
+        for file in self.files:
+            with open(file, "rb") as fh:
+                while chunk := fh.read(1 << 22):
+                    digest.update(chunk)
+        return digest.hexdigest()
+
+    def close(self) -> None:
+        """Drop memory maps of `.bin` files so their pages can be released."""
+        self._bin_states.clear()
+
+    def __repr__(self) -> str:
+        return f"Checkpoint(step={self.step}, path={str(self.path)!r}, format={self.format!r})"

@@ -1,0 +1,317 @@
+"""The DuckDB store: one file, documented tables and views (see schema.sql and README).
+
+Writes happen only through `write_checkpoint`, one transaction per checkpoint, so a crash or
+a kill loses at most the checkpoint in flight and a rerun resumes where the last one ended.
+Reads come back as polars DataFrames.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from importlib.resources import files
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import polars as pl
+import pyarrow as pa
+
+from ckptscope.errors import StoreError
+
+SCHEMA_VERSION = "1"
+DEFAULT_STORE = "ckptscope.duckdb"
+READ_STATEMENTS = {"SELECT", "EXPLAIN"}
+
+
+def default_store_path() -> Path:
+    """`$CKPTSCOPE_STORE`, else `./ckptscope.duckdb`."""
+    return Path(os.environ.get("CKPTSCOPE_STORE") or DEFAULT_STORE)
+
+
+def _one_line(exc: Exception) -> str:
+    return " ".join(str(exc).split())[:300]
+
+
+@dataclass
+class RunRows:
+    """What one analyzer produced for one checkpoint, before it has a run_id.
+
+    Columnar lists, so a worker process can ship them as Arrow and the driver inserts them
+    without touching Python objects row by row.
+    """
+
+    analyzer: str
+    version: str
+    parameters: dict[str, Any]
+    dtype: str
+    backend: str
+    metrics: dict[str, list] = field(default_factory=lambda: {k: [] for k in ("tensor", "layer", "component", "metric", "value")})
+    spectra: dict[str, list] = field(default_factory=lambda: {k: [] for k in ("tensor", "layer", "component", "kind", "rows", "cols", "sv")})
+    anomalies: list[tuple[str | None, str, str]] = field(default_factory=list)
+
+    def add_metrics(self, tensor: str, layer: int | None, component: str, values: dict[str, float]) -> None:
+        for metric, value in values.items():
+            self.metrics["tensor"].append(tensor)
+            self.metrics["layer"].append(layer)
+            self.metrics["component"].append(component)
+            self.metrics["metric"].append(metric)
+            self.metrics["value"].append(float(value))
+
+    def add_spectrum(self, tensor: str, layer: int | None, component: str, kind: str, shape: tuple[int, int], sv) -> None:
+        for key, value in zip(self.spectra, (tensor, layer, component, kind, shape[0], shape[1], [float(x) for x in sv])):
+            self.spectra[key].append(value)
+
+
+@dataclass
+class CheckpointRows:
+    """Everything one checkpoint adds to the store; written in one transaction."""
+
+    model: str
+    step: int
+    tokens: int | None
+    revision: str
+    source: str
+    content_hash: str | None
+    tensors: dict[str, list]  # tensor, layer, component, shape, dtype
+    runs: list[RunRows]
+    status: str = "ok"
+    duplicate_of: int | None = None
+
+
+class Store:
+    """A ckptscope DuckDB file.
+
+    `Store(path)` opens (creating if needed) for writing; `Store(path, read_only=True)` opens an
+    existing store for queries and refuses any statement that is not a read.
+    """
+
+    def __init__(self, path: Path | str | None = None, *, read_only: bool = False) -> None:
+        self.path = Path(path) if path is not None else default_store_path()
+        self.read_only = read_only
+        if read_only and not self.path.exists():
+            raise StoreError(f"store {self.path} does not exist; create it with `ckptscope ingest` or `ckptscope demo`, or pass --store")
+        if self.path.exists() and self.path.is_dir():
+            raise StoreError(f"store {self.path} is a directory; pass a file path with --store")
+        try:
+            self.con = duckdb.connect(str(self.path), read_only=read_only)
+        except duckdb.IOException as exc:
+            msg = _one_line(exc)
+            if "lock" in msg.lower():
+                pid = re.search(r"PID (\d+)", msg)
+                who = f" (PID {pid.group(1)})" if pid else ""
+                raise StoreError(f"store {self.path} is locked by another process{who}; wait for it to finish or use another --store") from None
+            raise StoreError(f"cannot open store {self.path}: {msg}") from None
+        except duckdb.Error as exc:
+            raise StoreError(f"cannot open store {self.path}: {_one_line(exc)}; is it a ckptscope DuckDB file?") from None
+        if read_only:
+            self._check_version()
+        else:
+            self._migrate()
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def close(self) -> None:
+        self.con.close()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _migrate(self) -> None:
+        existing = self.con.execute("SELECT count(*) FROM information_schema.tables WHERE table_name = 'meta'").fetchone()[0]
+        if existing:
+            self._check_version()
+        self.con.execute(files("ckptscope.store").joinpath("schema.sql").read_text())
+        self.con.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", [SCHEMA_VERSION])
+
+    def _check_version(self) -> None:
+        try:
+            row = self.con.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        except duckdb.CatalogException:
+            raise StoreError(f"{self.path} is not a ckptscope store (no meta table); pass the right --store") from None
+        if row and row[0] != SCHEMA_VERSION:
+            raise StoreError(f"store {self.path} has schema version {row[0]}, this ckptscope writes {SCHEMA_VERSION}; upgrade ckptscope")
+
+    # -- reading ---------------------------------------------------------------------------
+    def sql(self, query: str, params: list | None = None) -> pl.DataFrame:
+        """Run one query and return its result; on a read-only store only reads are allowed."""
+        if self.read_only:
+            self._refuse_writes(query)
+        try:
+            rel = self.con.sql(query, params=params or None)
+            return pl.DataFrame() if rel is None else pl.from_arrow(rel.to_arrow_table())
+        except duckdb.Error as exc:
+            raise StoreError(f"query failed: {_one_line(exc)}") from None
+
+    def _refuse_writes(self, query: str) -> None:
+        try:
+            statements = self.con.extract_statements(query)
+        except duckdb.Error as exc:
+            raise StoreError(f"invalid SQL: {_one_line(exc)}") from None
+        if not statements:
+            raise StoreError("empty query; give one SELECT statement")
+        for st in statements:
+            kind = st.type.name
+            if kind not in READ_STATEMENTS:
+                raise StoreError(f"`sql` is read-only: {kind} statements are refused; use SELECT (or the Python API for changes)")
+        if len(statements) > 1:
+            raise StoreError("give one statement at a time")
+
+    def steps_done(self, model: str, analyzer: str) -> set[int]:
+        """Steps of `model` whose `analyzer` rows are already stored."""
+        rows = self.con.execute(
+            "SELECT DISTINCT r.step FROM runs r JOIN checkpoints c ON c.model = r.model AND c.step = r.step "
+            "WHERE r.model = ? AND r.analyzer = ? AND c.status = 'ok'",
+            [model, analyzer],
+        ).fetchall()
+        return {r[0] for r in rows}
+
+    def checkpoints(self, model: str) -> pl.DataFrame:
+        return self.sql("SELECT * FROM checkpoints WHERE model = ? ORDER BY step", [model])
+
+    def model(self, model: str) -> dict | None:
+        row = self.sql("SELECT * FROM models WHERE model = ?", [model])
+        return row.row(0, named=True) if row.height else None
+
+    def metrics(self, model: str | None = None, metric: str | None = None, component: str | None = None) -> pl.DataFrame:
+        """The long `metrics` view, filtered."""
+        where, params = [], []
+        for col, val in (("model", model), ("metric", metric), ("component", component)):
+            if val is not None:
+                where.append(f"{col} = ?")
+                params.append(val)
+        clause = f"WHERE {' AND '.join(where)}" if where else ""
+        return self.sql(f"SELECT * FROM metrics {clause} ORDER BY model, step, layer NULLS FIRST, tensor, component, metric", params)
+
+    def summary(self) -> pl.DataFrame:
+        """Per model: steps ingested, analyzers run, anomalies — what `ckptscope ls` shows."""
+        return self.sql(
+            """
+            SELECT m.model, m.architecture, m.num_layers, m.num_parameters,
+                   count(DISTINCT c.step) FILTER (WHERE c.status = 'ok') AS steps,
+                   min(c.step) FILTER (WHERE c.status = 'ok') AS first_step,
+                   max(c.step) FILTER (WHERE c.status = 'ok') AS last_step,
+                   (SELECT string_agg(DISTINCT analyzer, ',' ORDER BY analyzer) FROM runs r WHERE r.model = m.model) AS analyzers,
+                   (SELECT count(*) FROM anomalies a WHERE a.model = m.model) AS anomalies
+            FROM models m LEFT JOIN checkpoints c USING (model)
+            GROUP BY ALL ORDER BY m.model
+            """
+        )
+
+    def anomalies(self, model: str | None = None) -> pl.DataFrame:
+        if model is None:
+            return self.sql("SELECT * FROM anomalies ORDER BY model, step, tensor")
+        return self.sql("SELECT * FROM anomalies WHERE model = ? ORDER BY step, tensor", [model])
+
+    # -- writing ---------------------------------------------------------------------------
+    def upsert_model(self, model: str, *, source: str, architecture: str, num_layers: int | None,
+                     num_parameters: int | None, tokens_per_step: int | None, config: dict | None) -> None:
+        """Register a model, or refresh its description (the latest ingest's view wins)."""
+        self.con.execute(
+            "INSERT OR REPLACE INTO models (model, source, architecture, num_layers, num_parameters, tokens_per_step, config) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?)",
+            [model, source, architecture, num_layers, num_parameters, tokens_per_step, json.dumps(config) if config else None],
+        )
+
+    def write_checkpoint(self, rows: CheckpointRows, *, replace: bool = False) -> None:
+        """Write all of one checkpoint's rows in a single transaction (replacing them with `replace`)."""
+        con = self.con
+        con.begin()
+        try:
+            if replace:
+                self._delete_step(rows.model, rows.step, [r.analyzer for r in rows.runs])
+            con.execute(
+                "INSERT OR REPLACE INTO checkpoints (model, step, tokens, revision, source, content_hash, duplicate_of, status) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                [rows.model, rows.step, rows.tokens, rows.revision, rows.source, rows.content_hash, rows.duplicate_of, rows.status],
+            )
+            if rows.tensors["tensor"]:
+                self._insert("tensors", rows.model, rows.step, None, rows.tensors, replace_keys=True)
+            if rows.duplicate_of is not None:
+                self._add_anomaly(rows.model, rows.step, None, "duplicate_checkpoint",
+                                  f"weights are byte-identical to step {rows.duplicate_of} (sha256 {rows.content_hash[:16]}…)")
+            for run in rows.runs:
+                run_id = con.execute("SELECT nextval('run_ids')").fetchone()[0]
+                con.execute(
+                    "INSERT INTO runs (run_id, model, step, analyzer, version, parameters, dtype, backend) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    [run_id, rows.model, rows.step, run.analyzer, run.version, json.dumps(run.parameters, sort_keys=True), run.dtype, run.backend],
+                )
+                if run.metrics["metric"]:
+                    self._insert("metric_values", rows.model, rows.step, run_id, run.metrics)
+                if run.spectra["sv"]:
+                    self._insert("spectra", rows.model, rows.step, run_id, run.spectra)
+                for tensor, kind, detail in run.anomalies:
+                    self._add_anomaly(rows.model, rows.step, tensor, kind, detail)
+            con.commit()
+        except BaseException:
+            con.rollback()
+            raise
+
+    def replace_metrics(self, model: str, step: int, analyzer: str, metrics: list[str], rows: RunRows, parameters: dict) -> None:
+        """Swap some metrics of an existing run for recomputed ones, in one transaction.
+
+        Used when a reference moves, e.g. `final_*` rows after a later step is ingested.
+        """
+        con = self.con
+        con.begin()
+        try:
+            run_id = con.execute("SELECT run_id FROM runs WHERE model = ? AND step = ? AND analyzer = ?", [model, step, analyzer]).fetchone()[0]
+            con.execute(
+                f"DELETE FROM metric_values WHERE run_id = ? AND metric IN ({', '.join('?' * len(metrics))})",
+                [run_id, *metrics],
+            )
+            if rows.metrics["metric"]:
+                self._insert("metric_values", model, step, run_id, rows.metrics)
+            con.execute("UPDATE runs SET parameters = ? WHERE run_id = ?", [json.dumps(parameters, sort_keys=True), run_id])
+            con.commit()
+        except BaseException:
+            con.rollback()
+            raise
+
+    def run_parameters(self, model: str, analyzer: str) -> dict[int, dict]:
+        rows = self.con.execute("SELECT step, parameters FROM runs WHERE model = ? AND analyzer = ?", [model, analyzer]).fetchall()
+        return {step: json.loads(params) for step, params in rows}
+
+    def _delete_step(self, model: str, step: int, analyzers: list[str]) -> None:
+        ids = [r[0] for r in self.con.execute(
+            f"SELECT run_id FROM runs WHERE model = ? AND step = ? AND analyzer IN ({', '.join('?' * len(analyzers))})",
+            [model, step, *analyzers]).fetchall()]
+        if ids:
+            marks = ", ".join("?" * len(ids))
+            for table in ("metric_values", "spectra", "runs"):
+                self.con.execute(f"DELETE FROM {table} WHERE run_id IN ({marks})", ids)
+        self.con.execute("DELETE FROM anomalies WHERE model = ? AND step = ?", [model, step])
+
+    def _add_anomaly(self, model: str, step: int, tensor: str | None, kind: str, detail: str) -> None:
+        self.con.execute("INSERT INTO anomalies (model, step, tensor, kind, detail) VALUES (?, ?, ?, ?, ?)", [model, step, tensor, kind, detail])
+
+    def _insert(self, table: str, model: str, step: int, run_id: int | None, columns: dict[str, list], replace_keys: bool = False) -> None:
+        n = len(next(iter(columns.values())))
+        data: dict[str, Any] = {}
+        if run_id is not None:
+            data["run_id"] = pa.array([run_id] * n, pa.int64())
+        data["model"] = pa.array([model] * n, pa.string())
+        data["step"] = pa.array([step] * n, pa.int64())
+        for key, values in columns.items():
+            if key == "sv":
+                data[key] = pa.array(values, pa.list_(pa.float64()))
+            elif key == "shape":
+                data[key] = pa.array(values, pa.list_(pa.int64()))
+            elif key in ("layer", "rows", "cols"):
+                data[key] = pa.array(values, pa.int64())
+            elif key == "value":
+                data[key] = pa.array(values, pa.float64())
+            else:
+                data[key] = pa.array(values, pa.string())
+        batch = pa.table(data)
+        cols = ", ".join(batch.column_names)
+        verb = "INSERT OR REPLACE" if replace_keys else "INSERT"
+        self.con.register("_ckptscope_batch", batch)
+        try:
+            self.con.execute(f"{verb} INTO {table} ({cols}) SELECT {cols} FROM _ckptscope_batch")
+        finally:
+            self.con.unregister("_ckptscope_batch")
