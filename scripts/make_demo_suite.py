@@ -58,6 +58,7 @@ import torch
 from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, GPTNeoXConfig, GPTNeoXForCausalLM
+from transformers.utils import logging as hf_logging
 
 TEXT_PATH = Path(__file__).resolve().parent / "data" / "kjv_genesis_exodus_matthew.txt"
 EOS = "<|endoftext|>"
@@ -227,6 +228,7 @@ def main() -> None:
     out = parser.parse_args().out
 
     torch.use_deterministic_algorithms(True)
+    hf_logging.disable_progress_bar()  # one bar per reloaded checkpoint would drown the report
     out.mkdir(parents=True, exist_ok=True)
     for stale in out.glob("step*"):
         shutil.rmtree(stale)

@@ -136,7 +136,11 @@ def ls(store):
     if not summary.height:
         out.print("the store holds no models yet; run `ckptscope ingest SOURCE` or `ckptscope demo`")
         return
-    _show(summary, "models")
+    _show(summary.select(
+        "model", pl.col("architecture").alias("arch"), pl.col("num_layers").alias("layers"),
+        pl.col("num_parameters").map_elements(_human, return_dtype=pl.String).alias("params"),
+        "steps", pl.format("{}..{}", "first_step", "last_step").alias("range"), "analyzers", "anomalies",
+    ), "models")
     if anomalies.height:
         _show(anomalies.select("model", "step", "tensor", "kind", "detail").head(50),
               f"anomalies ({anomalies.height}{', first 50 shown' if anomalies.height > 50 else ''})")
@@ -161,8 +165,19 @@ def demo(store):
     out.print(f"\nstore: {store}   try: ckptscope ls --store {store}")
 
 
+def _human(n: int | None) -> str:
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n and n >= size:
+            return f"{n / size:.1f}{unit}"
+    return str(n)
+
+
 def _demo_tokens_per_step(suite: Path) -> int | None:
     import json
 
     meta = suite / "suite.json"
     return json.loads(meta.read_text()).get("tokens_per_step") if meta.is_file() else None
+
+
+if __name__ == "__main__":
+    main()

@@ -27,7 +27,10 @@ from ckptscope.ingest.checkpoint import Checkpoint
 from ckptscope.ingest.layers import classify, family, is_buffer
 from ckptscope.ingest.local import CheckpointRef, LocalSource, parse_explicit_steps
 from ckptscope.ingest.steps import select_steps
-from ckptscope.store.db import CheckpointRows, Store
+from ckptscope.store.db import CheckpointRows, ModelRow, Store, default_store_path
+
+
+REPORT_SCHEMA = {"step": pl.Int64, "status": pl.String, "duplicate_of": pl.Int64, "tensors": pl.Int64, "seconds": pl.Float64}
 
 
 @dataclass
@@ -51,33 +54,28 @@ def _num_layers(config: dict | None, shapes: dict[str, tuple[int, ...]], fam: st
     return max(layers) + 1 if layers else None
 
 
-def _validate(ckpts: list[Checkpoint], stored_shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
+def _validate(ckpts: list[Checkpoint]) -> dict[str, tuple[int, ...]]:
     """Every checkpoint readable and of one architecture; returns the shared shapes."""
-    reference_step, shapes = None, dict(stored_shapes)
+    shapes: dict[str, tuple[int, ...]] = {}
+    first_step = ckpts[0].step
     for ckpt in ckpts:
         current = {name: info.shape for name, info in ckpt.tensors.items() if not is_buffer(name)}
         if not current:
             raise SourceError(f"{ckpt.path}: the checkpoint holds no tensors; re-save it")
-        if shapes:
-            for name, shape in current.items():
-                if name in shapes and shapes[name] != shape:
-                    where = f"step {reference_step}" if reference_step is not None else "the steps already in the store"
-                    raise SourceError(
-                        f"step {ckpt.step}: tensor {name} has shape {list(shape)} but {where} has {list(shapes[name])}; "
-                        "a model's checkpoints must share one architecture (ingest it under another --name)"
-                    )
-        else:
-            reference_step = ckpt.step
+        for name, shape in current.items():
+            if shapes.get(name, shape) != shape:
+                raise SourceError(
+                    f"step {ckpt.step}: tensor {name} has shape {list(shape)} but step {first_step} has {list(shapes[name])}; "
+                    "a model's checkpoints must share one architecture (ingest it under another --name)"
+                )
         shapes.update(current)
-        if reference_step is None:
-            reference_step = ckpt.step
         ckpt.close()
     return shapes
 
 
-def plan_ingest(source: str | Path, store: Store, *, name: str | None, steps: str | None, max_steps: int | None,
-                analyzers: list[Analyzer], force: bool) -> Plan:
-    """Resolve the source and steps and validate every checkpoint, without writing."""
+def plan_ingest(source: str | Path, *, name: str | None, steps: str | None, max_steps: int | None,
+                analyzers: list[Analyzer]) -> Plan:
+    """Resolve the source and steps and validate every selected checkpoint; reads no store."""
     explicit = parse_explicit_steps(steps)
     src = LocalSource(source, explicit)
     available = {ref.step: ref for ref in src.refs()}
@@ -85,19 +83,27 @@ def plan_ingest(source: str | Path, store: Store, *, name: str | None, steps: st
     if any(isinstance(a, WeightAnalyzer) for a in analyzers):
         # Deltas and convergence are taken against the first and last checkpoints.
         selected = sorted({*selected, min(available), max(available)})
-    model = name or src.default_name
     refs = {s: available[s] for s in selected}
     ckpts = [src.open(refs[s]) for s in selected]
-    stored = store.sql("SELECT tensor, shape FROM tensors WHERE model = ? AND step = (SELECT min(step) FROM tensors WHERE model = ?)", [model, model])
-    stored_shapes = {row["tensor"]: tuple(row["shape"]) for row in stored.iter_rows(named=True)}
-    shapes = _validate(ckpts, stored_shapes)
+    shapes = _validate(ckpts)
     config = next((c.config for c in ckpts if c.config), None)
-    if force:
-        todo = selected
-    else:
-        done = set.intersection(*(store.steps_done(model, a.name) for a in analyzers))
-        todo = [s for s in selected if s not in done]
-    return Plan(model, src, refs, todo, config, family(config), shapes)
+    return Plan(name or src.default_name, src, refs, list(selected), config, family(config), shapes)
+
+
+def reconcile(plan: Plan, store: Store, analyzers: list[Analyzer], *, force: bool) -> None:
+    """Check the plan against what the store already holds and drop steps already done."""
+    stored = store.sql("SELECT tensor, shape FROM tensors WHERE model = ? AND step = (SELECT min(step) FROM tensors WHERE model = ?)",
+                       [plan.model, plan.model])
+    stored_shapes = {row["tensor"]: tuple(row["shape"]) for row in stored.iter_rows(named=True)}
+    for name, shape in plan.shapes.items():
+        if name in stored_shapes and stored_shapes[name] != shape:
+            raise SourceError(
+                f"tensor {name} has shape {list(shape)} but model {plan.model!r} in the store has {list(stored_shapes[name])}; "
+                "ingest this run under another --name"
+            )
+    if not force:
+        done = set.intersection(*(store.steps_done(plan.model, a.name) for a in analyzers))
+        plan.todo = [s for s in plan.todo if s not in done]
 
 
 @contextmanager
@@ -120,25 +126,31 @@ def ingest(source: str | Path, *, store: Store | str | Path | None = None, name:
     chosen = build_analyzers(analyzers, rtol=rtol)
     if tokens_per_step is not None and tokens_per_step <= 0:
         raise SourceError("--tokens-per-step must be a positive number of tokens")
-    own = not isinstance(store, Store)
-    db = Store(store) if own else store
-    try:
-        plan = plan_ingest(source, db, name=name, steps=steps, max_steps=max_steps, analyzers=chosen, force=force)
-        return _execute(plan, db, chosen, force=force, tokens_per_step=tokens_per_step, device=device, progress=progress)
-    finally:
-        if own:
-            db.close()
+    plan = plan_ingest(source, name=name, steps=steps, max_steps=max_steps, analyzers=chosen)
+    if isinstance(store, Store):
+        reconcile(plan, store, chosen, force=force)
+        return _execute(plan, store, chosen, tokens_per_step=tokens_per_step, device=device, progress=progress)
+    path = Path(store) if store is not None else default_store_path()
+    if path.exists():  # look read-only first: a mistake found here must not touch the file
+        with Store(path, read_only=True) as ro:
+            reconcile(plan, ro, chosen, force=force)
+        if not plan.todo:
+            return _execute(plan, None, chosen, tokens_per_step=tokens_per_step, device=device, progress=progress)
+    with Store(path) as db:
+        reconcile(plan, db, chosen, force=force)
+        return _execute(plan, db, chosen, tokens_per_step=tokens_per_step, device=device, progress=progress)
 
 
-def _execute(plan: Plan, db: Store, analyzers: list[Analyzer], *, force: bool, tokens_per_step: int | None,
+def _execute(plan: Plan, db: Store | None, analyzers: list[Analyzer], *, tokens_per_step: int | None,
              device: str, progress: bool) -> pl.DataFrame:
+    if db is None or not plan.todo:
+        return pl.DataFrame(schema=REPORT_SCHEMA)
     prior = db.model(plan.model)
     if tokens_per_step is None and prior:
         tokens_per_step = prior["tokens_per_step"]
     num_parameters = sum(_numel(s) for s in plan.shapes.values())
-    db.upsert_model(plan.model, source=plan.source.id, architecture=plan.family,
-                    num_layers=_num_layers(plan.config, plan.shapes, plan.family), num_parameters=num_parameters,
-                    tokens_per_step=tokens_per_step, config=plan.config)
+    model_row = ModelRow(source=plan.source.id, architecture=plan.family, num_layers=_num_layers(plan.config, plan.shapes, plan.family),
+                         num_parameters=num_parameters, tokens_per_step=tokens_per_step, config=plan.config)
     stored = db.checkpoints(plan.model).filter(pl.col("status") == "ok")
     known_paths = {row["step"]: Path(row["source"]) for row in stored.iter_rows(named=True)}
     known_paths.update({s: ref.path for s, ref in plan.refs.items()})
@@ -182,14 +194,15 @@ def _execute(plan: Plan, db: Store, analyzers: list[Analyzer], *, force: bool, t
                 revision=ckpt.revision, source=str(ckpt.path), content_hash=digest,
                 tensors=_tensor_rows(ckpt, plan.family), runs=runs, duplicate_of=duplicate_of,
             )
-            db.write_checkpoint(rows, replace=True)
+            db.write_checkpoint(rows, replace=True, model=model_row)
+            model_row = None
             report.append({"step": step, "status": "duplicate" if duplicate_of is not None else "ok",
                            "duplicate_of": duplicate_of, "tensors": n_tensors, "seconds": round(time.perf_counter() - started, 3)})
             bar.advance(steps_task)
             for s in [s for s in opened if s not in (all_steps[0], all_steps[-1], step)]:
                 opened.pop(s).close()
         _refresh_final(plan, db, analyzers, all_steps, checkpoint, bar)
-    return pl.DataFrame(report, schema={"step": pl.Int64, "status": pl.String, "duplicate_of": pl.Int64, "tensors": pl.Int64, "seconds": pl.Float64})
+    return pl.DataFrame(report, schema=REPORT_SCHEMA)
 
 
 def _refresh_final(plan: Plan, db: Store, analyzers: list[Analyzer], all_steps: list[int], checkpoint, bar: Progress) -> None:

@@ -159,9 +159,9 @@ def _candidate_fits(x: np.ndarray, *, bias: int) -> tuple[np.ndarray, np.ndarray
 
     x is sorted ascending and positive. For candidate i with tail n = len(x) - i:
     s = Σ_{j≥i} ln(x_j/x_i), alpha = 1 + (n - bias)/s and
-    D = max_{j≥i} |1 - (x_j/x_i)^(1-alpha) - (j-i)/n| (empirical CDF 0, 1/n, ..., (n-1)/n,
-    as WeightWatcher). O(len(x)²) work, done in row blocks of at most
-    _FIT_BLOCK_CELLS cells, restricted to columns j ≥ first row of the block.
+    D = max_{j≥i} |1 - (x_j/x_i)^(1-alpha) - (j-i)/n|, i.e. the empirical CDF is
+    0, 1/n, ..., (n-1)/n as in WeightWatcher. O(len(x)²) work, done in row blocks
+    of at most _FIT_BLOCK_CELLS cells, restricted to columns j ≥ the block's first row.
     """
     size = x.size
     logs = np.log(x)

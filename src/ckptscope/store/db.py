@@ -66,6 +66,18 @@ class RunRows:
 
 
 @dataclass
+class ModelRow:
+    """The description of a model, refreshed by every ingest (the latest view wins)."""
+
+    source: str
+    architecture: str
+    num_layers: int | None
+    num_parameters: int | None
+    tokens_per_step: int | None
+    config: dict | None
+
+
+@dataclass
 class CheckpointRows:
     """Everything one checkpoint adds to the store; written in one transaction."""
 
@@ -121,8 +133,13 @@ class Store:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def _scalar(self, query: str, params: list | None = None):
+        """First value of the first row; fetches everything (DuckDB 2 rejects half-read results)."""
+        rows = self.con.execute(query, params or []).fetchall()
+        return rows[0][0] if rows else None
+
     def _migrate(self) -> None:
-        existing = self.con.execute("SELECT count(*) FROM information_schema.tables WHERE table_name = 'meta'").fetchone()[0]
+        existing = self._scalar("SELECT count(*) FROM information_schema.tables WHERE table_name = 'meta'")
         if existing:
             self._check_version()
         self.con.execute(files("ckptscope.store").joinpath("schema.sql").read_text())
@@ -130,11 +147,11 @@ class Store:
 
     def _check_version(self) -> None:
         try:
-            row = self.con.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+            version = self._scalar("SELECT value FROM meta WHERE key = 'schema_version'")
         except duckdb.CatalogException:
             raise StoreError(f"{self.path} is not a ckptscope store (no meta table); pass the right --store") from None
-        if row and row[0] != SCHEMA_VERSION:
-            raise StoreError(f"store {self.path} has schema version {row[0]}, this ckptscope writes {SCHEMA_VERSION}; upgrade ckptscope")
+        if version is not None and version != SCHEMA_VERSION:
+            raise StoreError(f"store {self.path} has schema version {version}, this ckptscope writes {SCHEMA_VERSION}; upgrade ckptscope")
 
     # -- reading ---------------------------------------------------------------------------
     def sql(self, query: str, params: list | None = None) -> pl.DataFrame:
@@ -208,20 +225,22 @@ class Store:
         return self.sql("SELECT * FROM anomalies WHERE model = ? ORDER BY step, tensor", [model])
 
     # -- writing ---------------------------------------------------------------------------
-    def upsert_model(self, model: str, *, source: str, architecture: str, num_layers: int | None,
-                     num_parameters: int | None, tokens_per_step: int | None, config: dict | None) -> None:
-        """Register a model, or refresh its description (the latest ingest's view wins)."""
-        self.con.execute(
-            "INSERT OR REPLACE INTO models (model, source, architecture, num_layers, num_parameters, tokens_per_step, config) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?)",
-            [model, source, architecture, num_layers, num_parameters, tokens_per_step, json.dumps(config) if config else None],
-        )
+    def write_checkpoint(self, rows: CheckpointRows, *, replace: bool = False, model: ModelRow | None = None) -> None:
+        """Write all of one checkpoint's rows in a single transaction (replacing them with `replace`).
 
-    def write_checkpoint(self, rows: CheckpointRows, *, replace: bool = False) -> None:
-        """Write all of one checkpoint's rows in a single transaction (replacing them with `replace`)."""
+        `model` registers or refreshes the model's description in the same transaction, so a
+        model never appears in the store without a checkpoint.
+        """
         con = self.con
         con.begin()
         try:
+            if model is not None:
+                con.execute(
+                    "INSERT OR REPLACE INTO models (model, source, architecture, num_layers, num_parameters, tokens_per_step, config) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    [rows.model, model.source, model.architecture, model.num_layers, model.num_parameters,
+                     model.tokens_per_step, json.dumps(model.config) if model.config else None],
+                )
             if replace:
                 self._delete_step(rows.model, rows.step, [r.analyzer for r in rows.runs])
             con.execute(
@@ -235,7 +254,7 @@ class Store:
                 self._add_anomaly(rows.model, rows.step, None, "duplicate_checkpoint",
                                   f"weights are byte-identical to step {rows.duplicate_of} (sha256 {rows.content_hash[:16]}…)")
             for run in rows.runs:
-                run_id = con.execute("SELECT nextval('run_ids')").fetchone()[0]
+                run_id = self._scalar("SELECT nextval('run_ids')")
                 con.execute(
                     "INSERT INTO runs (run_id, model, step, analyzer, version, parameters, dtype, backend) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                     [run_id, rows.model, rows.step, run.analyzer, run.version, json.dumps(run.parameters, sort_keys=True), run.dtype, run.backend],
@@ -259,7 +278,7 @@ class Store:
         con = self.con
         con.begin()
         try:
-            run_id = con.execute("SELECT run_id FROM runs WHERE model = ? AND step = ? AND analyzer = ?", [model, step, analyzer]).fetchone()[0]
+            run_id = self._scalar("SELECT run_id FROM runs WHERE model = ? AND step = ? AND analyzer = ?", [model, step, analyzer])
             con.execute(
                 f"DELETE FROM metric_values WHERE run_id = ? AND metric IN ({', '.join('?' * len(metrics))})",
                 [run_id, *metrics],
