@@ -17,18 +17,21 @@ NEOX = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermed
             max_position_embeddings=64, tie_word_embeddings=False)
 
 
-def neox_config() -> "transformers.GPTNeoXConfig":  # noqa: F821
+def neox_config(num_layers: int | None = None) -> "transformers.GPTNeoXConfig":  # noqa: F821
     from transformers import GPTNeoXConfig
 
-    return GPTNeoXConfig(**NEOX)
+    return GPTNeoXConfig(**{**NEOX, **({"num_hidden_layers": num_layers} if num_layers else {})})
 
 
-def neox_state(seed: int = 0) -> tuple[dict[str, torch.Tensor], dict]:
-    """A freshly initialised tiny GPT-NeoX state dict with the names save_pretrained writes."""
+def neox_state(seed: int = 0, num_layers: int | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+    """A freshly initialised tiny GPT-NeoX state dict with the names save_pretrained writes.
+
+    `num_layers` overrides NEOX's depth, for tests that compare models of different depth.
+    """
     from transformers import GPTNeoXForCausalLM
 
     torch.manual_seed(seed)
-    cfg = neox_config()
+    cfg = neox_config(num_layers)
     model = GPTNeoXForCausalLM(cfg)
     state = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
     if "lm_head.weight" in state:  # transformers 5 names the head lm_head in memory, embed_out on disk

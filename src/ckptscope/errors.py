@@ -17,3 +17,7 @@ class SourceError(CkptscopeError):
 
 class StoreError(CkptscopeError):
     """The store cannot be opened, is locked, or a query is invalid or not allowed."""
+
+
+class MissingRevision(SourceError):
+    """A published step that has no weights (or vanished): recorded as missing, not fatal."""

@@ -22,10 +22,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from ckptscope.analyzers.base import AnalysisContext, Analyzer
 from ckptscope.analyzers.registry import build_analyzers
 from ckptscope.analyzers.weights import FINAL_METRICS, WeightAnalyzer
-from ckptscope.errors import SourceError
+from ckptscope.errors import MissingRevision, SourceError
 from ckptscope.ingest.checkpoint import Checkpoint
 from ckptscope.ingest.layers import classify, family, is_buffer
-from ckptscope.ingest.local import CheckpointRef, LocalSource, parse_explicit_steps
+from ckptscope.ingest.local import CheckpointRef, LocalSource, Source, parse_explicit_steps
 from ckptscope.ingest.steps import select_steps
 from ckptscope.store.db import CheckpointRows, ModelRow, Store, default_store_path
 
@@ -38,9 +38,9 @@ class Plan:
     """What an ingest will do, decided before anything is written."""
 
     model: str
-    source: LocalSource
-    refs: dict[int, CheckpointRef]  # every selected step
-    todo: list[int]
+    source: Source
+    available: dict[int, CheckpointRef]  # every step the source holds
+    todo: list[int]  # selected steps still to analyze, ascending
     config: dict | None
     family: str
     shapes: dict[str, tuple[int, ...]]
@@ -83,11 +83,10 @@ def plan_ingest(source: str | Path, *, name: str | None, steps: str | None, max_
     if any(isinstance(a, WeightAnalyzer) for a in analyzers):
         # Deltas and convergence are taken against the first and last checkpoints.
         selected = sorted({*selected, min(available), max(available)})
-    refs = {s: available[s] for s in selected}
-    ckpts = [src.open(refs[s]) for s in selected]
+    ckpts = [src.open(available[s]) for s in selected]
     shapes = _validate(ckpts)
     config = next((c.config for c in ckpts if c.config), None)
-    return Plan(name or src.default_name, src, refs, list(selected), config, family(config), shapes)
+    return Plan(name or src.default_name, src, available, list(selected), config, family(config), shapes)
 
 
 def reconcile(plan: Plan, store: Store, analyzers: list[Analyzer], *, force: bool) -> None:
@@ -141,6 +140,32 @@ def ingest(source: str | Path, *, store: Store | str | Path | None = None, name:
         return _execute(plan, db, chosen, tokens_per_step=tokens_per_step, device=device, progress=progress)
 
 
+class _Checkpoints:
+    """Checkpoints opened through the source: the ones still needed stay, the rest are released.
+
+    Holding only {first, previous, current, final, next} bounds memory and, for hub sources,
+    disk, however many steps a sweep covers.
+    """
+
+    def __init__(self, source: Source, refs: dict[int, CheckpointRef]) -> None:
+        self.source, self.refs, self.open = source, refs, {}
+
+    def get(self, step: int | None) -> Checkpoint | None:
+        if step is None:
+            return None
+        if step not in self.open:
+            self.open[step] = self.source.open(self.refs[step])
+        return self.open[step]
+
+    def prefetch(self, step: int) -> None:
+        self.source.prefetch(self.refs[step])
+
+    def keep_only(self, steps: set[int]) -> None:
+        for step in [s for s in self.open if s not in steps]:
+            self.open.pop(step).close()
+            self.source.release(self.refs[step])
+
+
 def _execute(plan: Plan, db: Store | None, analyzers: list[Analyzer], *, tokens_per_step: int | None,
              device: str, progress: bool) -> pl.DataFrame:
     if db is None or not plan.todo:
@@ -148,34 +173,41 @@ def _execute(plan: Plan, db: Store | None, analyzers: list[Analyzer], *, tokens_
     prior = db.model(plan.model)
     if tokens_per_step is None and prior:
         tokens_per_step = prior["tokens_per_step"]
-    num_parameters = sum(_numel(s) for s in plan.shapes.values())
     model_row = ModelRow(source=plan.source.id, architecture=plan.family, num_layers=_num_layers(plan.config, plan.shapes, plan.family),
-                         num_parameters=num_parameters, tokens_per_step=tokens_per_step, config=plan.config)
+                         num_parameters=sum(_numel(s) for s in plan.shapes.values()), tokens_per_step=tokens_per_step,
+                         config=plan.config)
     stored = db.checkpoints(plan.model).filter(pl.col("status") == "ok")
-    known_paths = {row["step"]: Path(row["source"]) for row in stored.iter_rows(named=True)}
-    known_paths.update({s: ref.path for s, ref in plan.refs.items()})
     hashes = {row["content_hash"]: row["step"] for row in stored.iter_rows(named=True) if row["content_hash"]}
-    all_steps = sorted(known_paths)
-    opened: dict[int, Checkpoint] = {}
+    # References are the steps in the store or being ingested that the source still holds.
+    all_steps = sorted(set(plan.todo) | (set(stored["step"].to_list()) & set(plan.available)))
+    ckpts = _Checkpoints(plan.source, plan.available)
 
-    def checkpoint(step: int | None) -> Checkpoint | None:
-        if step is None:
-            return None
-        if step not in opened:
-            path = known_paths[step]
-            if not path.is_dir():
-                raise SourceError(f"reference step {step} was ingested from {path}, which no longer exists; restore it or re-ingest with --force")
-            opened[step] = Checkpoint(path, step=step, revision=plan.refs[step].revision if step in plan.refs else path.name)
-        return opened[step]
+    def tokens(step: int) -> int | None:
+        known = plan.source.tokens(step, plan.available[step].revision)
+        return known if known is not None else (step * tokens_per_step if tokens_per_step else None)
 
     report = []
     with _progress(progress) as bar:
         steps_task = bar.add_task(f"[bold]{plan.model}[/] checkpoints", total=len(plan.todo))
         tensor_task = bar.add_task("tensors", total=0, visible=False)
-        for step in plan.todo:
+        for i, step in enumerate(plan.todo):
             started = time.perf_counter()
             idx = all_steps.index(step)
-            ckpt = checkpoint(step)
+            first, previous, final = all_steps[0], all_steps[idx - 1] if idx else None, all_steps[-1]
+            ckpts.keep_only({first, previous, step, final})
+            if i + 1 < len(plan.todo):
+                ckpts.prefetch(plan.todo[i + 1])
+            try:
+                ckpt = ckpts.get(step)
+            except MissingRevision as exc:
+                db.write_checkpoint(CheckpointRows(
+                    model=plan.model, step=step, tokens=tokens(step), revision=plan.available[step].revision,
+                    source=plan.source.id, content_hash=None, tensors=_tensor_rows(None, plan.family), runs=[],
+                    status="missing", anomaly=("missing_revision", str(exc))), replace=True, model=model_row)
+                model_row = None
+                report.append({"step": step, "status": "missing", "duplicate_of": None, "tensors": 0, "seconds": 0.0})
+                bar.advance(steps_task)
+                continue
             digest = ckpt.content_hash()
             duplicate_of = hashes.get(digest) if hashes.get(digest) != step else None
             hashes.setdefault(digest, step)
@@ -183,15 +215,15 @@ def _execute(plan: Plan, db: Store | None, analyzers: list[Analyzer], *, tokens_
             bar.reset(tensor_task, total=n_tensors * len(analyzers), visible=progress, description=f"step {step}")
             ctx = AnalysisContext(
                 checkpoint=ckpt, family=plan.family, config=plan.config, device=device,
-                first=checkpoint(all_steps[0]) if idx > 0 else None,
-                previous=checkpoint(all_steps[idx - 1]) if idx > 0 else None,
-                final=checkpoint(all_steps[-1]) if step != all_steps[-1] else None,
+                first=ckpts.get(first) if step != first else None,
+                previous=ckpts.get(previous),
+                final=ckpts.get(final) if step != final else None,
                 on_tensor=lambda _name: bar.advance(tensor_task),
             )
             runs = [a.analyze(ctx) for a in analyzers]
             rows = CheckpointRows(
-                model=plan.model, step=step, tokens=step * tokens_per_step if tokens_per_step else None,
-                revision=ckpt.revision, source=str(ckpt.path), content_hash=digest,
+                model=plan.model, step=step, tokens=tokens(step), revision=ckpt.revision,
+                source=str(ckpt.path) if plan.source.kind == "local" else plan.source.id, content_hash=digest,
                 tensors=_tensor_rows(ckpt, plan.family), runs=runs, duplicate_of=duplicate_of,
             )
             db.write_checkpoint(rows, replace=True, model=model_row)
@@ -199,28 +231,29 @@ def _execute(plan: Plan, db: Store | None, analyzers: list[Analyzer], *, tokens_
             report.append({"step": step, "status": "duplicate" if duplicate_of is not None else "ok",
                            "duplicate_of": duplicate_of, "tensors": n_tensors, "seconds": round(time.perf_counter() - started, 3)})
             bar.advance(steps_task)
-            for s in [s for s in opened if s not in (all_steps[0], all_steps[-1], step)]:
-                opened.pop(s).close()
-        _refresh_final(plan, db, analyzers, all_steps, checkpoint, bar)
+        _refresh_final(plan, db, analyzers, all_steps, ckpts, bar)
+        ckpts.keep_only({all_steps[0], all_steps[-1]})
     return pl.DataFrame(report, schema=REPORT_SCHEMA)
 
 
-def _refresh_final(plan: Plan, db: Store, analyzers: list[Analyzer], all_steps: list[int], checkpoint, bar: Progress) -> None:
+def _refresh_final(plan: Plan, db: Store, analyzers: list[Analyzer], all_steps: list[int], ckpts: _Checkpoints,
+                   bar: Progress) -> None:
     """Recompute `final_*` rows of steps whose stored final reference is no longer the last step."""
     weights = next((a for a in analyzers if isinstance(a, WeightAnalyzer)), None)
     if weights is None:
         return
     final = all_steps[-1]
-    stale = [s for s, p in sorted(db.run_parameters(plan.model, weights.name).items()) if p.get("final_step") != final]
+    params = db.run_parameters(plan.model, weights.name)
+    stale = [s for s in sorted(params) if params[s].get("final_step") != final and s in plan.available]
     if not stale:
         return
     task = bar.add_task(f"re-basing {len(stale)} steps on final step {final}", total=len(stale))
     for step in stale:
-        ctx = AnalysisContext(checkpoint=checkpoint(step), family=plan.family, config=plan.config,
-                              final=checkpoint(final) if step != final else None)
-        params = db.run_parameters(plan.model, weights.name)[step]
-        params["final_step"] = final
-        db.replace_metrics(plan.model, step, weights.name, list(FINAL_METRICS), weights.refresh_final(ctx), params)
+        ckpts.keep_only({all_steps[0], step, final})
+        ctx = AnalysisContext(checkpoint=ckpts.get(step), family=plan.family, config=plan.config,
+                              final=ckpts.get(final) if step != final else None)
+        db.replace_metrics(plan.model, step, weights.name, list(FINAL_METRICS), weights.refresh_final(ctx),
+                           {**params[step], "final_step": final})
         bar.advance(task)
 
 
@@ -231,9 +264,9 @@ def _numel(shape: tuple[int, ...]) -> int:
     return n
 
 
-def _tensor_rows(ckpt: Checkpoint, fam: str) -> dict[str, list]:
+def _tensor_rows(ckpt: Checkpoint | None, fam: str) -> dict[str, list]:
     cols: dict[str, list] = {k: [] for k in ("tensor", "layer", "component", "shape", "dtype")}
-    for name, info in ckpt.tensors.items():
+    for name, info in (ckpt.tensors.items() if ckpt is not None else ()):
         if is_buffer(name):
             continue
         role = classify(name, fam)

@@ -13,6 +13,7 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from ckptscope.errors import SourceError
 from ckptscope.ingest.checkpoint import Checkpoint, weight_files
@@ -32,7 +33,34 @@ class CheckpointRef:
 
     step: int
     revision: str
-    path: Path
+    path: Path | None = None  # local sources; remote ones resolve the revision when opened
+
+
+class Source(Protocol):
+    """Where checkpoints come from: a local run directory or a hub repository."""
+
+    kind: str
+
+    @property
+    def id(self) -> str: ...
+
+    @property
+    def default_name(self) -> str: ...
+
+    def refs(self) -> list[CheckpointRef]:
+        """Every step the source holds, sorted by step."""
+
+    def open(self, ref: CheckpointRef) -> Checkpoint:
+        """Make the checkpoint readable (downloading it if remote)."""
+
+    def prefetch(self, ref: CheckpointRef) -> None:
+        """Start fetching a checkpoint that will be opened next."""
+
+    def release(self, ref: CheckpointRef) -> None:
+        """The checkpoint is no longer needed: free what holding it costs."""
+
+    def tokens(self, step: int, revision: str) -> int | None:
+        """Tokens seen at a step when the source knows them, else None."""
 
 
 def parse_explicit_steps(spec: str | None) -> dict[int, str] | None:
@@ -118,3 +146,12 @@ class LocalSource:
 
     def open(self, ref: CheckpointRef) -> Checkpoint:
         return Checkpoint(ref.path, step=ref.step, revision=ref.revision)
+
+    def prefetch(self, ref: CheckpointRef) -> None:
+        """Local files need no fetching."""
+
+    def release(self, ref: CheckpointRef) -> None:
+        """Local files are the user's: never deleted."""
+
+    def tokens(self, step: int, revision: str) -> int | None:
+        return None

@@ -91,6 +91,7 @@ class CheckpointRows:
     runs: list[RunRows]
     status: str = "ok"
     duplicate_of: int | None = None
+    anomaly: tuple[str, str] | None = None  # checkpoint-level (kind, detail), e.g. a missing revision
 
 
 class Store:
@@ -250,6 +251,8 @@ class Store:
             )
             if rows.tensors["tensor"]:
                 self._insert("tensors", rows.model, rows.step, None, rows.tensors, replace_keys=True)
+            if rows.anomaly is not None:
+                self._add_anomaly(rows.model, rows.step, None, *rows.anomaly)
             if rows.duplicate_of is not None:
                 self._add_anomaly(rows.model, rows.step, None, "duplicate_checkpoint",
                                   f"weights are byte-identical to step {rows.duplicate_of} (sha256 {rows.content_hash[:16]}…)")

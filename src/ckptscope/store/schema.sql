@@ -26,7 +26,7 @@ CREATE TABLE IF NOT EXISTS checkpoints (
     source       VARCHAR NOT NULL,
     content_hash VARCHAR,               -- sha256 over the weight files, in name order
     duplicate_of BIGINT,                -- earlier step with byte-identical weights
-    status       VARCHAR NOT NULL,      -- ok | missing
+    status       VARCHAR NOT NULL,      -- ok | missing (revision without weights)
     ingested_at  TIMESTAMP NOT NULL DEFAULT current_timestamp,
     PRIMARY KEY (model, step)
 );

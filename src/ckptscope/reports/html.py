@@ -1,0 +1,307 @@
+"""`build_report`: one self-contained HTML file with the figures of a training-dynamics paper.
+
+The file must open offline and make no network request, so plotly.js is embedded in it
+(gzip-compressed and base64-encoded: 1.9 MB instead of 4.8 MB; the page inflates it with the
+browser's DecompressionStream). Figures are drawn in the browser by `report.js` from one JSON
+payload; per-layer values travel as base64 float32 grids, about 5 bytes a value, so a suite
+of several models x hundreds of steps x every layer stays a few MB. Everything that comes
+from the store reaches the page either through Jinja's autoescaping or inside that JSON,
+whose `<`, `>` and `&` are \\u-escaped so no model name can close the `<script>` holding it.
+"""
+
+from __future__ import annotations
+
+import base64
+import functools
+import gzip
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from importlib.metadata import version
+from importlib.resources import files
+from pathlib import Path
+from typing import Any
+
+import jinja2
+import numpy as np
+import polars as pl
+from markupsafe import Markup
+
+from ckptscope.reports import queries as q
+from ckptscope.store.db import Store
+
+ANOMALY_ROWS = 200
+SPECTRUM_STEPS = 5
+
+
+@dataclass
+class Chart:
+    """One figure: its text, the SQL it came from, and what report.js needs to draw it."""
+
+    id: str
+    title: str
+    caption: str
+    sql: list[str]
+    spec: dict[str, Any]
+    plots: int = 1
+    components: list[str] = field(default_factory=list)  # choices of the component selector
+
+
+@dataclass
+class Section:
+    anchor: str
+    title: str
+    intro: str
+    charts: list[Chart]
+
+
+def build_report(store: Path | str, output: Path | str, *, models: Sequence[str] | None = None,
+                 metrics: Sequence[str] | None = None, components: Sequence[str] | None = None) -> Path:
+    """Write an offline HTML report of `store` to `output` and return its path.
+
+    `models`, `metrics` and `components` narrow it down (default: every model, the
+    `DEFAULT_METRICS` present, every component). Unknown names and an empty store raise
+    `CkptscopeError`.
+    """
+    output = Path(output)
+    with Store(store, read_only=True) as db:
+        sel = q.select(db, models, metrics, components)
+        builder = _Builder(db, sel)
+        overview = builder.overview()
+        sections = builder.sections()
+    charts = [c for s in [overview["section"], *sections] for c in s.charts]
+    html = _template().render(
+        store=str(Path(store)), generated=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        ckptscope_version=version("ckptscope"), plotly_version=version("plotly"), sel=sel,
+        overview=overview, sections=sections,
+        css=Markup(_asset("report.css")), js=Markup(_asset("report.js")), plotly_gz=Markup(_plotly_gz()),
+        payload=Markup(_script_json([{"id": c.id, **c.spec} for c in charts])),
+    )
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(html, encoding="utf-8")
+    return output
+
+
+class _Builder:
+    """Runs the queries of each section and turns their results into charts."""
+
+    def __init__(self, db: Store, sel: q.Selection) -> None:
+        self.db, self.sel = db, sel
+        self._ids = 0
+
+    def _chart(self, title: str, caption: str, sql: list[str], spec: dict[str, Any], **kw: Any) -> Chart:
+        self._ids += 1
+        return Chart(f"chart{self._ids}", title, caption, sql, spec, **kw)
+
+    # -- overview ----------------------------------------------------------------------------
+    def overview(self) -> dict[str, Any]:
+        sqls = {"models": q.models_sql(self.sel), "summary": q.anomaly_summary_sql(self.sel),
+                "anomalies": q.anomalies_sql(self.sel, ANOMALY_ROWS)}
+        frames = {k: self.db.sql(v) for k, v in sqls.items()}
+        ck_sql = q.checkpoints_sql(self.sel)
+        ck = self.db.sql(ck_sql)
+        series = [{"model": model, "steps": g["step"].to_list(), "tokens": g["tokens"].to_list(),
+                   "duplicate_of": g["duplicate_of"].to_list(), "anomalies": g["anomalies"].to_list(),
+                   "status": g["status"].to_list()}
+                  for (model,), g in ck.partition_by("model", as_dict=True, maintain_order=True).items()]
+        chart = self._chart("Checkpoints ingested", "One mark per checkpoint in the store; duplicates and steps with "
+                            "anomalies are marked.", [ck_sql], {"type": "checkpoints", "series": series})
+        return {"sql": sqls, "models": frames["models"].to_dicts(), "summary": frames["summary"].to_dicts(),
+                "anomalies": frames["anomalies"].to_dicts(), "anomaly_limit": ANOMALY_ROWS,
+                "section": Section("overview", "Overview", "", [chart])}
+
+    # -- sections ----------------------------------------------------------------------------
+    def sections(self) -> list[Section]:
+        out = [self._model_section(model) for model in self.sel.models]
+        if len(self.sel.models) > 1 and self.sel.metrics:
+            out.append(self._compare_section())
+        if q.has_metric(self.db, self.sel, q.CKA_METRIC):
+            out.append(self._convergence_section())
+        if q.has_table(self.db, "memorization"):
+            out.append(self._memorization_section())
+        out.append(self._spectra_section())
+        return out
+
+    def _model_section(self, model: str) -> Section:
+        charts = [c for metric in self.sel.metrics if (c := self._layer_chart(model, metric, self.sel.components))]
+        intro = ("Each metric as a layer × step heatmap and as one line per layer, for the component chosen above "
+                 "the charts. Values are averaged when a layer holds several tensors of one component.")
+        return Section(f"model-{self.sel.models.index(model)}", f"Layers over training: {model}", intro, charts)
+
+    def _layer_chart(self, model: str, metric: str, components: Sequence[str] | None) -> Chart | None:
+        sql = q.layer_grid_sql(model, metric, components)
+        df = self.db.sql(sql)
+        if not df.height:
+            return None
+        steps = df.group_by("step").agg(pl.col("tokens").first()).sort("step")
+        comps = q.ordered_components(df["component"].unique().to_list())
+        layers = sorted(df["layer"].unique().to_list())
+        grid = _dense(df, {"component": comps, "layer": layers, "step": steps["step"].to_list()})
+        spec = {"type": "layers", "model": model, "metric": metric, "steps": steps["step"].to_list(),
+                "tokens": steps["tokens"].to_list(), "layers": layers, "components": comps, "values": _b64(grid)}
+        return self._chart(metric, f"{metric} of {model}: heatmap (layer × step) and one line per layer.",
+                           [sql], spec, plots=2, components=comps)
+
+    def _compare_section(self) -> Section:
+        charts = []
+        for metric in self.sel.metrics:
+            sql = q.compare_sql(self.sel.models, metric, self.sel.components)
+            df = self.db.sql(sql)
+            if not df.height:
+                continue
+            comps = q.ordered_components(df["component"].unique().to_list())
+            series = []
+            for (model,), g in df.partition_by("model", as_dict=True, maintain_order=True).items():
+                steps = g.group_by("step").agg(pl.col("tokens").first(), pl.col("progress").first()).sort("step")
+                spans = g.group_by("depth_bin").agg(pl.col("first_layer").min(), pl.col("last_layer").max())
+                span = {r["depth_bin"]: [r["first_layer"], r["last_layer"]] for r in spans.iter_rows(named=True)}
+                grid = _dense(g, {"component": comps, "depth_bin": list(range(q.DEPTH_BINS)), "step": steps["step"].to_list()})
+                series.append({"model": model, "steps": steps["step"].to_list(), "tokens": steps["tokens"].to_list(),
+                               "progress": _floats(steps["progress"]), "layers": [span.get(b) for b in range(q.DEPTH_BINS)],
+                               "values": _b64(grid)})
+            spec = {"type": "compare", "metric": metric, "components": comps, "bins": q.DEPTH_BINS, "series": series}
+            charts.append(self._chart(metric, f"{metric}: one panel per quarter of relative depth, one line per model.",
+                                      [sql], spec, components=comps))
+        intro = (f"Models of different depth and length on shared axes: layers are pooled into {q.DEPTH_BINS} bins of "
+                 "relative depth (layer / number of layers) and averaged; the x axis is training progress "
+                 "(step / last step ingested), from the `layer_metrics` view.")
+        return Section("compare", "Comparison across models", intro, charts)
+
+    def _convergence_section(self) -> Section:
+        charts = [c for model in self.sel.models if (c := self._layer_chart(model, q.CKA_METRIC, None))]
+        sql = q.stabilization_sql(self.sel.models)
+        df = self.db.sql(sql)
+        if df.height:
+            series = [{"model": model, "component": comp, "layers": g["layer"].to_list(), "depth": _floats(g["relative_depth"]),
+                       "steps": g["stable_step"].to_list(), "tokens": g["tokens"].to_list(), "fraction": _floats(g["fraction"])}
+                      for (model, comp), g in df.partition_by("model", "component", as_dict=True, maintain_order=True).items()]
+            charts.append(self._chart(
+                "Stabilization step per layer",
+                f"The first step after which CKA to the final checkpoint stays ≥ {q.CKA_STABLE}, as a fraction of "
+                "training (step / last step), against relative depth.", [sql], {"type": "stabilization", "series": series}))
+        intro = f"CKA between each layer and the same layer of the final checkpoint (metric `{q.CKA_METRIC}`)."
+        return Section("convergence", "Convergence", intro, charts)
+
+    def _memorization_section(self) -> Section:
+        sql = q.memorization_sql(self.sel.models)
+        df = self.db.sql(sql)
+        charts = []
+        if df.height:
+            series = [{"model": model, "steps": g["step"].to_list(), "tokens": g["tokens"].to_list(),
+                       "rate": _floats(g["memorized_rate"]), "score": _floats(g["mean_score"]), "sequences": g["sequences"].to_list()}
+                      for (model,), g in df.partition_by("model", as_dict=True, maintain_order=True).items()]
+            charts.append(self._chart("Memorized rate and mean score", "Fraction of probed sequences memorized, and their "
+                                      "mean memorization score, per checkpoint.", [sql], {"type": "memorization", "series": series}))
+        if q.has_metric(self.db, self.sel, q.LOGIT_LENS_METRIC):
+            charts += [c for model in self.sel.models if (c := self._layer_chart(model, q.LOGIT_LENS_METRIC, None))]
+        intro = "From the `memorization` table, and the logit-lens view per layer (metric `memorization_logit_lens`)."
+        return Section("memorization", "Memorization", intro, charts)
+
+    def _spectra_section(self) -> Section:
+        charts = [c for model in self.sel.models if (c := self._spectrum_chart(model))]
+        intro = ("Density of the eigenvalues λ = σ² of one weight matrix (a middle layer) at several steps, in "
+                 f"log-spaced bins ({q.BINS_PER_DECADE} per decade), with the fitted power-law tail: density ∝ λ^−α "
+                 "above x_min (metrics `alpha`, `alpha_xmin`), scaled by the fraction of eigenvalues in the tail "
+                 "(`num_pl_spikes`).")
+        return Section("spectra", "Spectra", intro, charts)
+
+    def _spectrum_chart(self, model: str) -> Chart | None:
+        candidates = self.db.sql(q.spectrum_candidates_sql(model, self.sel.components))
+        if not candidates.height:
+            return None
+        tensor, component, layer = _pick_tensor(candidates)
+        available = self.db.sql(q.spectrum_steps_sql(model, tensor, component))["step"].to_list()
+        steps = _spread(available, SPECTRUM_STEPS)
+        hist_sql, fit_sql = q.spectrum_sql(model, tensor, component, steps), q.spectrum_fit_sql(model, tensor, component, steps)
+        hist, fit = self.db.sql(hist_sql), self.db.sql(fit_sql)
+        fits = {r["step"]: r for r in fit.iter_rows(named=True)}
+        per_step = []
+        for (step,), g in hist.partition_by("step", as_dict=True, maintain_order=True).items():
+            f = fits.get(step, {})
+            per_step.append({"step": step, "tokens": f.get("tokens"), "eigenvalue": _floats(g["eigenvalue"]),
+                             "density": _floats(g["density"]), "total": g["total"][0], "ev_max": g["ev_max"][0],
+                             "alpha": _finite(f.get("alpha")), "xmin": _finite(f.get("alpha_xmin")),
+                             "n_tail": _finite(f.get("num_pl_spikes"))})
+        spec = {"type": "spectrum", "model": model, "tensor": tensor, "component": component, "layer": layer, "steps": per_step}
+        return self._chart(f"{model}: {tensor} ({component})",
+                           f"Eigenvalue density of {tensor} ({component}, layer {layer}) at steps "
+                           f"{', '.join(map(str, steps))}; dashed: fitted power-law tail.", [hist_sql, fit_sql], spec)
+
+
+def _pick_tensor(candidates: pl.DataFrame) -> tuple[str, str, int]:
+    """A representative matrix: the first component in q.COMPONENT_ORDER, at the middle layer."""
+    component = q.ordered_components(candidates["component"].unique().to_list())[0]
+    rows = candidates.filter(pl.col("component") == component)
+    layers = sorted(rows["layer"].unique().to_list())
+    layer = layers[len(layers) // 2]
+    row = rows.filter(pl.col("layer") == layer).sort("steps", "tensor", descending=[True, False]).row(0, named=True)
+    return row["tensor"], component, layer
+
+
+def _spread(steps: list[int], k: int) -> list[int]:
+    """At most k steps, evenly spaced in log(step + 1), always keeping the first and last."""
+    if len(steps) <= k:
+        return steps
+    logs = np.log1p(np.asarray(steps, dtype=float))
+    targets = np.linspace(logs[0], logs[-1], k)
+    return sorted({steps[int(np.abs(logs - t).argmin())] for t in targets})
+
+
+def _dense(df: pl.DataFrame, axes: dict[str, list]) -> np.ndarray:
+    """The `value` column as a float32 array over `axes` (key -> ordered values), NaN where absent."""
+    index = df.select(pl.col(k).replace_strict(v, list(range(len(v))), return_dtype=pl.Int64) for k, v in axes.items())
+    grid = np.full([len(v) for v in axes.values()], np.nan, dtype=np.float32)
+    grid[tuple(index[k].to_numpy() for k in axes)] = df["value"].to_numpy()
+    return grid
+
+
+def _b64(grid: np.ndarray) -> str:
+    return base64.b64encode(grid.astype("<f4").tobytes()).decode("ascii")
+
+
+def _floats(series: pl.Series) -> list[float | None]:
+    """JSON-ready values: NaN and infinities become null (JSON has no NaN)."""
+    return [_finite(v) for v in series.to_list()]
+
+
+def _finite(value: float | None) -> float | None:
+    return value if value is not None and math.isfinite(value) else None
+
+
+def _script_json(data: Any) -> str:
+    """JSON that is safe inside <script>: `</script>` or `<!--` in store text cannot end the element."""
+    text = json.dumps(data, separators=(",", ":"), allow_nan=False, ensure_ascii=False)
+    for char, escaped in (("<", "\\u003c"), (">", "\\u003e"), ("&", "\\u0026"), ("\u2028", "\\u2028"), ("\u2029", "\\u2029")):
+        text = text.replace(char, escaped)
+    return text
+
+
+def _asset(name: str) -> str:
+    return files("ckptscope.reports").joinpath("templates", name).read_text(encoding="utf-8")
+
+
+@functools.cache
+def _plotly_gz() -> str:
+    """plotly.min.js from the installed plotly package, gzip-compressed and base64-encoded."""
+    js = files("plotly").joinpath("package_data", "plotly.min.js").read_bytes()
+    return base64.b64encode(gzip.compress(js, compresslevel=9, mtime=0)).decode("ascii")
+
+
+@functools.cache
+def _template() -> jinja2.Template:
+    env = jinja2.Environment(loader=jinja2.PackageLoader("ckptscope.reports", "templates"), autoescape=True,
+                             undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+    env.filters["human"] = _human
+    return env.get_template("report.html.j2")
+
+
+def _human(n: int | float | None) -> str:
+    """1234567 -> 1.23M: parameter and token counts at a glance."""
+    if n is None:
+        return "–"
+    for unit, size in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= size:
+            return f"{n / size:.3g}{unit}"
+    return f"{n:g}"

@@ -1,0 +1,257 @@
+"""The SQL behind every figure, as literal text.
+
+Each builder returns a complete statement with its values inlined as SQL literals (not bound
+parameters), because the report prints the exact query next to its chart so that a reader can
+paste it into `ckptscope sql` and get the same rows. All aggregation happens here, in DuckDB:
+a report over hundreds of checkpoints ships grids of per-layer values, never raw rows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from ckptscope.errors import CkptscopeError
+from ckptscope.store.db import Store
+
+# Matrix statistics a training-dynamics paper plots first; used when no --metrics are given.
+DEFAULT_METRICS = ("stable_rank", "effective_rank", "alpha", "delta_init_relative", "final_relative_distance", "spectral_norm")
+CKA_METRIC = "cka_final"
+LOGIT_LENS_METRIC = "memorization_logit_lens"
+CKA_STABLE = 0.9
+DEPTH_BINS = 4
+BINS_PER_DECADE = 5
+# Components in the order a reader scans a transformer block; figures show the first one present first.
+COMPONENT_ORDER = ("attn.qkv", "attn.q", "attn.k", "attn.v", "attn.o", "mlp.gate", "mlp.in", "mlp.out")
+
+
+def literal(value: str | int | float) -> str:
+    """A SQL literal; strings get their quotes doubled so any store text is safe to inline."""
+    if isinstance(value, str):
+        return "'" + value.replace("'", "''") + "'"
+    return repr(value)
+
+
+def ordered_components(components: Sequence[str]) -> list[str]:
+    rank = {c: i for i, c in enumerate(COMPONENT_ORDER)}
+    return sorted(components, key=lambda c: (rank.get(c, len(rank)), c))
+
+
+def in_list(column: str, values: Sequence[str | int]) -> str:
+    return f"{column} IN ({', '.join(literal(v) for v in values)})"
+
+
+@dataclass(frozen=True)
+class Selection:
+    """What a report covers, checked against the store so every later query has an answer."""
+
+    models: list[str]
+    metrics: list[str]
+    components: list[str] | None  # None: every component each metric has
+
+
+def _refuse_unknown(asked: Sequence[str], known: Sequence[str], what: str) -> None:
+    missing = [a for a in asked if a not in known]
+    if missing:
+        shown = ", ".join(known[:40]) + (", …" if len(known) > 40 else "")
+        raise CkptscopeError(f"{what} {', '.join(missing)} not in the store; it has: {shown or 'none'}")
+
+
+def store_models(db: Store) -> list[str]:
+    """The models in the store; an empty store is a user mistake with a clear next step."""
+    models = db.sql("SELECT model FROM models ORDER BY model")["model"].to_list()
+    if not models:
+        raise CkptscopeError(f"the store {db.path} holds no models yet; run `ckptscope ingest SOURCE --store {db.path}` "
+                             "(or `ckptscope demo`) first")
+    return models
+
+
+def select(db: Store, models: Sequence[str] | None, metrics: Sequence[str] | None,
+           components: Sequence[str] | None) -> Selection:
+    """Resolve the user's filters, defaulting to every model and the DEFAULT_METRICS present."""
+    known_models = store_models(db)
+    if models:
+        _refuse_unknown(models, known_models, "model(s)")
+    chosen_models = list(models) if models else known_models
+    known_metrics = db.sql(f"SELECT DISTINCT metric FROM metric_values WHERE {in_list('model', chosen_models)} "
+                           "ORDER BY metric")["metric"].to_list()
+    if metrics:
+        _refuse_unknown(metrics, known_metrics, "metric(s)")
+        chosen_metrics = list(metrics)
+    else:
+        chosen_metrics = [m for m in DEFAULT_METRICS if m in known_metrics]
+    if components:
+        known_components = db.sql(f"SELECT DISTINCT component FROM metric_values WHERE {in_list('model', chosen_models)} "
+                                  "ORDER BY component")["component"].to_list()
+        _refuse_unknown(components, known_components, "component(s)")
+    return Selection(chosen_models, chosen_metrics, list(components) if components else None)
+
+
+def has_metric(db: Store, sel: Selection, metric: str) -> bool:
+    return db.sql(f"SELECT count(*) AS n FROM metric_values WHERE metric = {literal(metric)} "
+                  f"AND {in_list('model', sel.models)}")["n"][0] > 0
+
+
+def has_table(db: Store, table: str) -> bool:
+    return db.sql(f"SELECT count(*) AS n FROM information_schema.tables WHERE table_name = {literal(table)}")["n"][0] > 0
+
+
+def _component_filter(components: Sequence[str] | None) -> str:
+    return f"\n  AND {in_list('component', components)}" if components else ""
+
+
+# -- overview -------------------------------------------------------------------------------
+
+def models_sql(sel: Selection) -> str:
+    return f"""SELECT m.model, m.architecture, m.num_layers, m.num_parameters, m.tokens_per_step,
+       count(c.step) FILTER (WHERE c.status = 'ok') AS steps,
+       min(c.step) FILTER (WHERE c.status = 'ok') AS first_step,
+       max(c.step) FILTER (WHERE c.status = 'ok') AS last_step,
+       max(c.tokens) FILTER (WHERE c.status = 'ok') AS last_tokens,
+       count(c.step) FILTER (WHERE c.status <> 'ok') AS not_ok,
+       (SELECT string_agg(DISTINCT r.analyzer || ' ' || r.version, ', ' ORDER BY r.analyzer || ' ' || r.version)
+        FROM runs r WHERE r.model = m.model) AS analyzers
+FROM models m LEFT JOIN checkpoints c USING (model)
+WHERE {in_list('m.model', sel.models)}
+GROUP BY ALL
+ORDER BY m.model"""
+
+
+def anomaly_summary_sql(sel: Selection) -> str:
+    """Anomalies by kind, plus checkpoints whose status is not `ok` (missing revisions)."""
+    return f"""SELECT model, kind, count(*) AS count, count(DISTINCT step) AS steps,
+       min(step) AS first_step, any_value(detail) AS example
+FROM (
+  SELECT model, step, kind, detail FROM anomalies
+  UNION ALL
+  SELECT model, step, 'checkpoint_' || status AS kind, 'revision ' || coalesce(revision, '?') || ' is ' || status AS detail
+  FROM checkpoints WHERE status <> 'ok'
+)
+WHERE {in_list('model', sel.models)}
+GROUP BY model, kind
+ORDER BY model, kind"""
+
+
+def anomalies_sql(sel: Selection, limit: int) -> str:
+    return f"""SELECT model, step, tensor, kind, detail
+FROM anomalies
+WHERE {in_list('model', sel.models)}
+ORDER BY model, step, tensor NULLS FIRST, kind
+LIMIT {limit}"""
+
+
+def checkpoints_sql(sel: Selection) -> str:
+    return f"""SELECT c.model, c.step, c.tokens, c.status, c.duplicate_of, count(a.kind) AS anomalies
+FROM checkpoints c LEFT JOIN anomalies a ON a.model = c.model AND a.step = c.step
+WHERE {in_list('c.model', sel.models)}
+GROUP BY ALL
+ORDER BY c.model, c.step"""
+
+
+# -- per model and metric -------------------------------------------------------------------
+
+def layer_grid_sql(model: str, metric: str, components: Sequence[str] | None) -> str:
+    """One value per (component, layer, step): the mean when a layer holds several such tensors."""
+    return f"""SELECT component, layer, step, any_value(tokens) AS tokens, avg(value) AS value
+FROM metrics
+WHERE model = {literal(model)} AND metric = {literal(metric)} AND layer IS NOT NULL{_component_filter(components)}
+GROUP BY component, layer, step
+ORDER BY component, layer, step"""
+
+
+def metric_series_sql(model: str, metric: str, component: str | None) -> str:
+    """Like `layer_grid_sql`, but keeping tensors without a layer (embeddings, final norm)."""
+    return f"""SELECT component, layer, step, avg(value) AS value
+FROM metrics
+WHERE model = {literal(model)} AND metric = {literal(metric)}{_component_filter([component] if component else None)}
+GROUP BY component, layer, step
+ORDER BY component, layer NULLS FIRST, step"""
+
+
+def compare_sql(models: Sequence[str], metric: str, components: Sequence[str] | None) -> str:
+    """Layers pooled into DEPTH_BINS bins of relative depth, so models of any depth share an axis."""
+    return f"""SELECT model, component, least(floor(relative_depth * {DEPTH_BINS}), {DEPTH_BINS - 1})::INTEGER AS depth_bin,
+       step, any_value(tokens) AS tokens, any_value(progress) AS progress,
+       min(layer) AS first_layer, max(layer) AS last_layer, avg(value) AS value
+FROM layer_metrics
+WHERE metric = {literal(metric)} AND relative_depth IS NOT NULL AND {in_list('model', models)}{_component_filter(components)}
+GROUP BY model, component, depth_bin, step
+ORDER BY model, component, depth_bin, step"""
+
+
+# -- convergence and memorization -----------------------------------------------------------
+
+def stabilization_sql(models: Sequence[str]) -> str:
+    """Per layer, the first step after which CKA to the final checkpoint stays >= CKA_STABLE."""
+    return f"""WITH cka AS (
+  SELECT model, component, layer, step, any_value(tokens) AS tokens, any_value(progress) AS progress,
+         any_value(relative_depth) AS relative_depth, avg(value) AS cka
+  FROM layer_metrics
+  WHERE metric = {literal(CKA_METRIC)} AND layer IS NOT NULL AND {in_list('model', models)}
+  GROUP BY model, component, layer, step
+), unstable AS (
+  SELECT model, component, layer, max(step) AS last_below
+  FROM cka WHERE cka < {CKA_STABLE} GROUP BY model, component, layer
+)
+SELECT model, component, layer, any_value(relative_depth) AS relative_depth,
+       min(step) AS stable_step, arg_min(tokens, step) AS tokens, min(progress) AS fraction
+FROM cka LEFT JOIN unstable USING (model, component, layer)
+WHERE last_below IS NULL OR step > last_below
+GROUP BY model, component, layer
+ORDER BY model, component, layer"""
+
+
+def memorization_sql(models: Sequence[str]) -> str:
+    return f"""SELECT mem.model, mem.step, any_value(c.tokens) AS tokens,
+       avg(mem.memorized::DOUBLE) AS memorized_rate, avg(mem.score) AS mean_score, count(*) AS sequences
+FROM memorization mem LEFT JOIN checkpoints c ON c.model = mem.model AND c.step = mem.step
+WHERE {in_list('mem.model', models)}
+GROUP BY mem.model, mem.step
+ORDER BY mem.model, mem.step"""
+
+
+# -- spectra --------------------------------------------------------------------------------
+
+def spectrum_candidates_sql(model: str, components: Sequence[str] | None) -> str:
+    return f"""SELECT tensor, component, layer, count(DISTINCT step) AS steps
+FROM spectra
+WHERE model = {literal(model)} AND kind = 'weight' AND layer IS NOT NULL{_component_filter(components)}
+GROUP BY tensor, component, layer
+ORDER BY layer, component, tensor"""
+
+
+def spectrum_steps_sql(model: str, tensor: str, component: str) -> str:
+    return f"""SELECT DISTINCT step FROM spectra
+WHERE model = {literal(model)} AND tensor = {literal(tensor)} AND component = {literal(component)} AND kind = 'weight'
+ORDER BY step"""
+
+
+def spectrum_sql(model: str, tensor: str, component: str, steps: Sequence[int]) -> str:
+    """Density of the eigenvalues λ = σ² of W in log-spaced bins (BINS_PER_DECADE per decade)."""
+    b = BINS_PER_DECADE
+    return f"""WITH eigen AS (
+  SELECT step, unnest(sv) ^ 2 AS ev
+  FROM spectra
+  WHERE model = {literal(model)} AND tensor = {literal(tensor)} AND component = {literal(component)}
+    AND kind = 'weight' AND {in_list('step', steps)}
+), bins AS (
+  SELECT step, floor(log10(ev) * {b}) AS bin, count(*) AS n FROM eigen WHERE ev > 0 GROUP BY step, bin
+), totals AS (
+  SELECT step, count(*) AS total, max(ev) AS ev_max FROM eigen WHERE ev > 0 GROUP BY step
+)
+SELECT step, 10 ^ ((bin + 0.5) / {b}) AS eigenvalue, n, total, ev_max,
+       n / (total * (10 ^ ((bin + 1) / {b}) - 10 ^ (bin / {b}))) AS density
+FROM bins JOIN totals USING (step)
+ORDER BY step, eigenvalue"""
+
+
+def spectrum_fit_sql(model: str, tensor: str, component: str, steps: Sequence[int]) -> str:
+    return f"""SELECT step, any_value(tokens) AS tokens,
+       max(value) FILTER (WHERE metric = 'alpha') AS alpha,
+       max(value) FILTER (WHERE metric = 'alpha_xmin') AS alpha_xmin,
+       max(value) FILTER (WHERE metric = 'num_pl_spikes') AS num_pl_spikes
+FROM metrics
+WHERE model = {literal(model)} AND tensor = {literal(tensor)} AND component = {literal(component)}
+  AND metric IN ('alpha', 'alpha_xmin', 'num_pl_spikes') AND {in_list('step', steps)}
+GROUP BY step
+ORDER BY step"""

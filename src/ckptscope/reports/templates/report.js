@@ -1,0 +1,236 @@
+// Draws a ckptscope report: inflates the embedded plotly.js, then draws each chart of the JSON
+// payload into the divs the template laid out. <html data-state> ends as "ready" or "error".
+"use strict";
+(() => {
+  const PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf"];
+  const VIRIDIS = ["#440154", "#482878", "#3e4989", "#31688e", "#26828e", "#1f9e89", "#35b779", "#6ece58", "#b5de2b", "#fde725"];
+  const CONFIG = {displaylogo: false, responsive: true, modeBarButtonsToRemove: ["select2d", "lasso2d"]};
+  const STEP_TITLE = "step (log scale of step + 1)";
+
+  // Plotly reads a subset of HTML in every label and %{…} in hover templates: store text must show literally.
+  const esc = (text) => String(text).replace(/&/g, "&amp;").replace(/</g, "&lt;").replace(/>/g, "&gt;").replace(/%/g, "&#37;");
+  const logStep = (step) => Math.log10(step + 1);
+  const int = (n) => (n === null || n === undefined ? "n/a" : Number(n).toLocaleString("en-US"));
+  const color = (i) => PALETTE[i % PALETTE.length];
+  const depthColor = (t) => VIRIDIS[Math.round(Math.min(1, Math.max(0, t)) * (VIRIDIS.length - 1))];
+
+  function bytes(b64) {
+    const bin = atob(b64);
+    const out = new Uint8Array(bin.length);
+    for (let i = 0; i < bin.length; i++) out[i] = bin.charCodeAt(i);
+    return out;
+  }
+
+  // base64 float32 grid -> Float32Array; NaN marks a missing value.
+  const floats = (b64) => new Float32Array(bytes(b64).buffer);
+  const gaps = (values) => Array.from(values, (v) => (Number.isNaN(v) ? null : v));
+
+  async function loadPlotly() {
+    const packed = bytes(document.getElementById("plotly-js-gz").textContent.trim());
+    const stream = new Blob([packed]).stream().pipeThrough(new DecompressionStream("gzip"));
+    const script = document.createElement("script");
+    script.textContent = await new Response(stream).text();
+    document.head.appendChild(script);
+  }
+
+  // Ticks at 0 and 1, 2, 5 x 10^k (only 10^k when the range spans many decades), placed at log10(step + 1).
+  function stepAxis(steps) {
+    const max = Math.max(1, ...steps);
+    let ticks = [0];
+    for (let p = 1; p <= max; p *= 10) ticks.push(...[p, 2 * p, 5 * p].filter((t) => t <= max));
+    if (ticks.length > 10) ticks = ticks.filter((t) => t === 0 || Number.isInteger(Math.log10(t)));
+    const label = (t) => (t >= 1e6 ? `${t / 1e6}M` : t >= 1e3 ? `${t / 1e3}k` : `${t}`);
+    return {title: {text: STEP_TITLE}, tickvals: ticks.map(logStep), ticktext: ticks.map(label), zeroline: false};
+  }
+
+  const baseLayout = (extra) => ({
+    margin: {l: 64, r: 24, t: 28, b: 52}, height: 340, hovermode: "closest",
+    font: {family: "system-ui, -apple-system, Segoe UI, Roboto, sans-serif", size: 12},
+    legend: {font: {size: 11}}, ...extra,
+  });
+
+  const plotDiv = (chart, i) => document.getElementById(`${chart.id}-${i}`);
+  const selector = (chart) => document.getElementById(`${chart.id}-component`);
+
+  // Redraws on every change of the chart's component selector.
+  async function withComponent(chart, draw) {
+    const select = selector(chart);
+    if (select) select.addEventListener("change", () => draw(chart.components[select.selectedIndex]));
+    await draw(chart.components[select ? select.selectedIndex : 0]);
+  }
+
+  // Per model and metric: a layer x step heatmap and one line per layer, for one component.
+  function drawLayers(chart) {
+    const S = chart.steps.length, L = chart.layers.length;
+    const values = floats(chart.values);
+    const x = chart.steps.map(logStep);
+    const custom = chart.steps.map((s, i) => [int(s), int(chart.tokens[i])]);
+    const axis = stepAxis(chart.steps);
+    return withComponent(chart, async (component) => {
+      const c = chart.components.indexOf(component);
+      const rows = chart.layers.map((_, l) => gaps(values.subarray((c * L + l) * S, (c * L + l + 1) * S)));
+      const hover = (layer) => `model: ${esc(chart.model)}<br>component: ${esc(component)}<br>layer: ${layer}` +
+        `<br>step: %{customdata[0]}<br>tokens: %{customdata[1]}<br>${esc(chart.metric)}: `;
+      const heat = {
+        type: "heatmap", x, y: chart.layers, z: rows, customdata: chart.layers.map(() => custom),
+        colorscale: "Viridis", hoverongaps: false, colorbar: {title: {text: esc(chart.metric), side: "right"}, thickness: 12},
+        hovertemplate: `${hover("%{y}")}%{z:.4g}<extra></extra>`,
+      };
+      const lines = chart.layers.map((layer, l) => ({
+        type: "scatter", mode: "lines+markers", x, y: rows[l], customdata: custom, name: `layer ${layer}`,
+        line: {color: depthColor(L > 1 ? l / (L - 1) : 0), width: 1.5}, marker: {size: 4},
+        hovertemplate: `${hover(layer)}%{y:.4g}<extra></extra>`,
+      }));
+      const yLayer = {title: {text: "layer"}, dtick: L > 16 ? undefined : 1};
+      await Plotly.react(plotDiv(chart, 0), [heat], baseLayout({xaxis: axis, yaxis: yLayer}), CONFIG);
+      await Plotly.react(plotDiv(chart, 1), lines,
+        baseLayout({xaxis: axis, yaxis: {title: {text: esc(chart.metric)}}, legend: {title: {text: "layer"}, font: {size: 11}}}), CONFIG);
+    });
+  }
+
+  // Across models: one panel per relative-depth bin, x = training progress, one line per model.
+  function drawCompare(chart) {
+    const B = chart.bins;
+    const models = chart.series.map((m) => ({...m, grid: floats(m.values)}));
+    const pct = (b) => `${Math.round((100 * b) / B)}–${Math.round((100 * (b + 1)) / B)}%`;
+    const axes = {};
+    const annotations = [];
+    for (let b = 0; b < B; b++) {
+      const key = b ? `xaxis${b + 1}` : "xaxis";
+      axes[key] = {title: {text: "progress (step / last step)"}, range: [-0.03, 1.03]};
+      annotations.push({text: `relative depth ${pct(b)}`, xref: `${b ? "x" + (b + 1) : "x"} domain`, yref: "paper",
+        x: 0.5, y: 1.0, yanchor: "bottom", showarrow: false, font: {size: 12}});
+    }
+    return withComponent(chart, async (component) => {
+      const c = chart.components.indexOf(component);
+      const traces = [];
+      const shown = new Set();
+      models.forEach((m, mi) => {
+        const S = m.steps.length;
+        const custom = m.steps.map((s, i) => [int(s), int(m.tokens[i])]);
+        for (let b = 0; b < B; b++) {
+          const y = gaps(m.grid.subarray((c * B + b) * S, (c * B + b + 1) * S));
+          if (!m.layers[b] || y.every((v) => v === null)) continue;
+          const [lo, hi] = m.layers[b];
+          traces.push({
+            type: "scatter", mode: "lines+markers", x: m.progress, y, customdata: custom,
+            xaxis: b ? `x${b + 1}` : "x", yaxis: "y", name: esc(m.model), legendgroup: `m${mi}`, showlegend: !shown.has(mi),
+            line: {color: color(mi), width: 1.5}, marker: {size: 4},
+            hovertemplate: `model: ${esc(m.model)}<br>step: %{customdata[0]} (progress %{x:.3f})<br>tokens: %{customdata[1]}` +
+              `<br>layer: ${lo === hi ? lo : `${lo}–${hi}`} (relative depth ${pct(b)})<br>component: ${esc(component)}` +
+              `<br>${esc(chart.metric)}: %{y:.4g}<extra></extra>`,
+          });
+          shown.add(mi);
+        }
+      });
+      await Plotly.react(plotDiv(chart, 0), traces, baseLayout({
+        grid: {rows: 1, columns: B, pattern: "coupled"}, ...axes, yaxis: {title: {text: esc(chart.metric)}},
+        annotations, margin: {l: 64, r: 24, t: 36, b: 52},
+      }), CONFIG);
+    });
+  }
+
+  function drawCheckpoints(chart) {
+    const kinds = [
+      ["ok", "circle", "#2557a7", (m, i) => m.status[i] === "ok" && m.duplicate_of[i] === null && !m.anomalies[i]],
+      ["duplicate", "x", "#e07b00", (m, i) => m.duplicate_of[i] !== null],
+      ["anomaly / not ok", "diamond", "#b42318", (m, i) => m.duplicate_of[i] === null && (m.anomalies[i] > 0 || m.status[i] !== "ok")],
+    ];
+    const traces = kinds.map(([name, symbol, col, keep]) => {
+      const pts = chart.series.flatMap((m) => m.steps.map((s, i) => ({m, s, i})).filter(({m: mm, i}) => keep(mm, i)));
+      return {
+        type: "scatter", mode: "markers", name, marker: {symbol, color: col, size: 8},
+        x: pts.map((p) => logStep(p.s)), y: pts.map((p) => esc(p.m.model)),
+        customdata: pts.map(({m, s, i}) => [int(s), int(m.tokens[i]), m.status[i], m.duplicate_of[i] === null ? "–" : int(m.duplicate_of[i]), m.anomalies[i]]),
+        hovertemplate: "model: %{y}<br>step: %{customdata[0]}<br>tokens: %{customdata[1]}<br>status: %{customdata[2]}" +
+          "<br>duplicate of: %{customdata[3]}<br>anomalies: %{customdata[4]}<extra></extra>",
+      };
+    });
+    const steps = chart.series.flatMap((m) => m.steps);
+    return Plotly.react(plotDiv(chart, 0), traces, baseLayout({
+      height: 120 + 36 * chart.series.length, xaxis: stepAxis(steps), yaxis: {type: "category", automargin: true},
+    }), CONFIG);
+  }
+
+  function drawStabilization(chart) {
+    const traces = chart.series.map((s, i) => ({
+      type: "scatter", mode: "lines+markers", x: s.depth, y: s.fraction, name: esc(`${s.model} ${s.component}`),
+      customdata: s.layers.map((layer, j) => [layer, int(s.steps[j]), int(s.tokens[j])]), line: {color: color(i)},
+      hovertemplate: `model: ${esc(s.model)}<br>layer: %{customdata[0]} (relative depth %{x:.2f})<br>component: ${esc(s.component)}` +
+        "<br>step: %{customdata[1]}<br>tokens: %{customdata[2]}<br>stable from: %{y:.3f} of training<extra></extra>",
+    }));
+    return Plotly.react(plotDiv(chart, 0), traces, baseLayout({
+      xaxis: {title: {text: "relative depth (layer / number of layers)"}},
+      yaxis: {title: {text: "stabilization step / last step"}, range: [0, 1.05]},
+    }), CONFIG);
+  }
+
+  function drawMemorization(chart) {
+    const traces = [];
+    chart.series.forEach((m, i) => {
+      const custom = m.steps.map((s, j) => [int(s), int(m.tokens[j]), int(m.sequences[j])]);
+      [["rate", "memorized rate", "x", "y"], ["score", "mean score", "x2", "y2"]].forEach(([key, label, xa, ya], k) => traces.push({
+        type: "scatter", mode: "lines+markers", x: m.steps.map(logStep), y: m[key], xaxis: xa, yaxis: ya, customdata: custom,
+        name: esc(m.model), legendgroup: `m${i}`, showlegend: k === 0, line: {color: color(i)},
+        hovertemplate: `model: ${esc(m.model)}<br>step: %{customdata[0]}<br>tokens: %{customdata[1]}` +
+          `<br>sequences: %{customdata[2]}<br>${label}: %{y:.4g}<extra></extra>`,
+      }));
+    });
+    const axis = stepAxis(chart.series.flatMap((m) => m.steps));
+    return Plotly.react(plotDiv(chart, 0), traces, baseLayout({
+      grid: {rows: 1, columns: 2, pattern: "independent"}, xaxis: axis, xaxis2: axis,
+      yaxis: {title: {text: "memorized rate"}}, yaxis2: {title: {text: "mean score"}},
+    }), CONFIG);
+  }
+
+  // Eigenvalue density per step, and the power-law tail fitted at ingest: (n_tail / n) * (α-1)/x_min * (λ/x_min)^-α.
+  function drawSpectrum(chart) {
+    const n = chart.steps.length;
+    const traces = [];
+    chart.steps.forEach((s, i) => {
+      const col = depthColor(n > 1 ? i / (n - 1) : 0);
+      const head = `model: ${esc(chart.model)}<br>step: ${int(s.step)}<br>tokens: ${int(s.tokens)}<br>layer: ${chart.layer}` +
+        `<br>component: ${esc(chart.component)}<br>λ: %{x:.4g}<br>`;
+      traces.push({
+        type: "scatter", mode: "lines+markers", x: s.eigenvalue, y: s.density, name: `step ${int(s.step)}`,
+        legendgroup: `s${i}`, line: {color: col, shape: "hvh"}, marker: {size: 5},
+        hovertemplate: `${head}density: %{y:.4g}<extra></extra>`,
+      });
+      if (s.alpha === null || s.xmin === null || s.n_tail === null || !(s.ev_max > s.xmin)) return;
+      const xs = Array.from({length: 24}, (_, k) => s.xmin * Math.pow(s.ev_max / s.xmin, k / 23));
+      const scale = ((s.n_tail / s.total) * (s.alpha - 1)) / s.xmin;
+      traces.push({
+        type: "scatter", mode: "lines", x: xs, y: xs.map((x) => scale * Math.pow(x / s.xmin, -s.alpha)),
+        name: `fit α=${s.alpha.toFixed(2)}`, legendgroup: `s${i}`, line: {color: col, dash: "dash", width: 2},
+        hovertemplate: `${head}fit: α = ${s.alpha.toFixed(3)}, x_min = ${s.xmin.toPrecision(3)}<br>density: %{y:.4g}<extra></extra>`,
+      });
+    });
+    return Plotly.react(plotDiv(chart, 0), traces, baseLayout({
+      height: 400, xaxis: {type: "log", title: {text: "eigenvalue λ = σ²"}}, yaxis: {type: "log", title: {text: "density"}},
+    }), CONFIG);
+  }
+
+  const DRAW = {layers: drawLayers, compare: drawCompare, checkpoints: drawCheckpoints, stabilization: drawStabilization,
+    memorization: drawMemorization, spectrum: drawSpectrum};
+
+  async function main() {
+    const status = document.getElementById("status");
+    try {
+      await loadPlotly();
+      const charts = JSON.parse(document.getElementById("report-data").textContent);
+      for (const chart of charts) {
+        await DRAW[chart.type](chart);
+        await new Promise((resolve) => setTimeout(resolve, 0));  // let the page paint between charts
+      }
+      status.textContent = `${charts.length} charts drawn.`;
+      document.documentElement.dataset.state = "ready";
+    } catch (error) {
+      status.textContent = `Could not draw the charts: ${error}`;
+      status.classList.add("error");
+      document.documentElement.dataset.state = "error";
+      console.error(error);
+    }
+  }
+
+  main();
+})();
