@@ -24,6 +24,7 @@ from ckptscope.errors import StoreError
 SCHEMA_VERSION = "1"
 DEFAULT_STORE = "ckptscope.duckdb"
 READ_STATEMENTS = {"SELECT", "EXPLAIN"}
+RUN_TABLES = ("metric_values", "spectra", "memorization", "anomalies", "runs")  # rows owned by a run
 
 
 def default_store_path() -> Path:
@@ -51,6 +52,7 @@ class RunRows:
     metrics: dict[str, list] = field(default_factory=lambda: {k: [] for k in ("tensor", "layer", "component", "metric", "value")})
     spectra: dict[str, list] = field(default_factory=lambda: {k: [] for k in ("tensor", "layer", "component", "kind", "rows", "cols", "sv")})
     anomalies: list[tuple[str | None, str, str]] = field(default_factory=list)
+    tables: dict[str, dict[str, list]] = field(default_factory=dict)  # analyzer-specific tables, e.g. memorization
 
     def add_metrics(self, tensor: str, layer: int | None, component: str, values: dict[str, float]) -> None:
         for metric, value in values.items():
@@ -266,8 +268,11 @@ class Store:
                     self._insert("metric_values", rows.model, rows.step, run_id, run.metrics)
                 if run.spectra["sv"]:
                     self._insert("spectra", rows.model, rows.step, run_id, run.spectra)
+                for table, columns in run.tables.items():
+                    if columns and next(iter(columns.values())):
+                        self._insert(table, rows.model, rows.step, run_id, columns)
                 for tensor, kind, detail in run.anomalies:
-                    self._add_anomaly(rows.model, rows.step, tensor, kind, detail)
+                    self._add_anomaly(rows.model, rows.step, tensor, kind, detail, run_id)
             con.commit()
         except BaseException:
             con.rollback()
@@ -304,12 +309,13 @@ class Store:
             [model, step, *analyzers]).fetchall()]
         if ids:
             marks = ", ".join("?" * len(ids))
-            for table in ("metric_values", "spectra", "runs"):
+            for table in RUN_TABLES:
                 self.con.execute(f"DELETE FROM {table} WHERE run_id IN ({marks})", ids)
-        self.con.execute("DELETE FROM anomalies WHERE model = ? AND step = ?", [model, step])
+        self.con.execute("DELETE FROM anomalies WHERE model = ? AND step = ? AND run_id IS NULL", [model, step])
 
-    def _add_anomaly(self, model: str, step: int, tensor: str | None, kind: str, detail: str) -> None:
-        self.con.execute("INSERT INTO anomalies (model, step, tensor, kind, detail) VALUES (?, ?, ?, ?, ?)", [model, step, tensor, kind, detail])
+    def _add_anomaly(self, model: str, step: int, tensor: str | None, kind: str, detail: str, run_id: int | None = None) -> None:
+        self.con.execute("INSERT INTO anomalies (run_id, model, step, tensor, kind, detail) VALUES (?, ?, ?, ?, ?, ?)",
+                         [run_id, model, step, tensor, kind, detail])
 
     def _insert(self, table: str, model: str, step: int, run_id: int | None, columns: dict[str, list], replace_keys: bool = False) -> None:
         n = len(next(iter(columns.values())))
@@ -323,10 +329,12 @@ class Store:
                 data[key] = pa.array(values, pa.list_(pa.float64()))
             elif key == "shape":
                 data[key] = pa.array(values, pa.list_(pa.int64()))
-            elif key in ("layer", "rows", "cols"):
+            elif key in ("layer", "rows", "cols", "first_seen_step"):
                 data[key] = pa.array(values, pa.int64())
-            elif key == "value":
+            elif key in ("value", "score", "loss"):
                 data[key] = pa.array(values, pa.float64())
+            elif key == "memorized":
+                data[key] = pa.array(values, pa.bool_())
             else:
                 data[key] = pa.array(values, pa.string())
         batch = pa.table(data)

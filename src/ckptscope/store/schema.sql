@@ -86,12 +86,25 @@ CREATE TABLE IF NOT EXISTS spectra (
 
 -- Problems found while ingesting; they never stop a run.
 CREATE TABLE IF NOT EXISTS anomalies (
+    run_id   BIGINT,                    -- the analyzer run that found it; NULL for checkpoint-level ones
     model    VARCHAR NOT NULL,
     step     BIGINT NOT NULL,
     tensor   VARCHAR,                   -- NULL for checkpoint-level anomalies
     kind     VARCHAR NOT NULL,          -- nan | inf | duplicate_checkpoint | missing_revision
     detail   VARCHAR NOT NULL,
     found_at TIMESTAMP NOT NULL DEFAULT current_timestamp
+);
+
+-- Pythia memorization score per sequence and step (analyzer `memorization`).
+CREATE TABLE IF NOT EXISTS memorization (
+    run_id          BIGINT NOT NULL,
+    model           VARCHAR NOT NULL,
+    step            BIGINT NOT NULL,
+    sequence_id     VARCHAR NOT NULL,
+    score           DOUBLE NOT NULL,    -- fraction of the continuation reproduced by greedy decoding
+    memorized       BOOLEAN NOT NULL,   -- score = 1
+    loss            DOUBLE,             -- mean cross-entropy (nats/token) of the true continuation
+    first_seen_step BIGINT              -- when the sequence was trained on, if known
 );
 
 CREATE OR REPLACE VIEW metrics AS
@@ -109,3 +122,24 @@ SELECT m.*, m.layer::DOUBLE / NULLIF(md.num_layers, 0) AS relative_depth,
 FROM metrics m
 JOIN models md USING (model)
 JOIN (SELECT model, max(step) AS last_step FROM checkpoints WHERE status = 'ok' GROUP BY model) last USING (model);
+
+CREATE OR REPLACE VIEW memorization_summary AS
+SELECT model, step, count(*) AS sequences, avg(memorized::INTEGER) AS memorized_rate,
+       avg(score) AS mean_score, avg(loss) AS mean_loss
+FROM memorization GROUP BY model, step;
+
+-- First step from which CKA to the final checkpoint stays at or above `threshold` for good.
+CREATE OR REPLACE MACRO stabilization_at(threshold) AS TABLE
+SELECT model, layer, component, min(step) AS stabilization_step,
+       min(step)::DOUBLE / any_value(last_step) AS stabilization_fraction
+FROM (
+    SELECT m.model, m.layer, m.component, m.step, l.last_step,
+           min(m.value) OVER (PARTITION BY m.model, m.layer, m.component ORDER BY m.step DESC) AS worst_after
+    FROM metrics m
+    JOIN (SELECT model, max(step) AS last_step FROM checkpoints WHERE status = 'ok' GROUP BY model) l USING (model)
+    WHERE m.metric = 'cka_final'
+)
+WHERE worst_after >= threshold
+GROUP BY model, layer, component;
+
+CREATE OR REPLACE VIEW stabilization AS SELECT * FROM stabilization_at(0.9);
