@@ -5,10 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 from ckptscope.analyzers.base import Analyzer
+from ckptscope.analyzers.convergence import ConvergenceAnalyzer
+from ckptscope.analyzers.memorization import MemorizationAnalyzer
 from ckptscope.analyzers.weights import WeightAnalyzer
 from ckptscope.errors import CkptscopeError
 
-ANALYZERS: dict[str, type] = {WeightAnalyzer.name: WeightAnalyzer}
+ANALYZERS: dict[str, type] = {a.name: a for a in (WeightAnalyzer, ConvergenceAnalyzer, MemorizationAnalyzer)}
 
 
 def build_analyzers(names: str | list[str] | None, **options: Any) -> list[Analyzer]:

@@ -46,32 +46,42 @@ def _one_pass(w: torch.Tensor, first: torch.Tensor | None, prev: torch.Tensor | 
     if w.shape[0] < w.shape[1]:
         w, first, prev, final = (t.T if t is not None else None for t in (w, first, prev, final))
     n = w.shape[1]
-    f64 = dict(dtype=torch.float64, device=device)
-    acc = _Pass(gram=torch.zeros(n, n, **f64))
+    f64 = dict(dtype=torch.float64, device=device, memory_format=torch.contiguous_format)
+    zeros = lambda: torch.zeros(n, n, dtype=torch.float64, device=device)  # noqa: E731
+    acc = _Pass(gram=zeros())
     if first is not None:
-        acc.gram_init = torch.zeros(n, n, **f64)
+        acc.gram_init = zeros()
     if prev is not None:
-        acc.gram_prev = torch.zeros(n, n, **f64)
+        acc.gram_prev = zeros()
     step = max(1, CHUNK_ELEMENTS // max(n, 1))
     for s in range(0, w.shape[0], step):
         a = w[s : s + step].to(**f64)
-        acc.gram.addmm_(a.T, a)
         if first is not None:
             b = first[s : s + step].to(**f64)
-            acc.sq_first += float(b.square().sum())
-            d = a - b
-            acc.gram_init.addmm_(d.T, d)
+            acc.sq_first += _sq(b)
+            acc.gram_init.addmm_((d := a - b).T, d)
         if prev is not None:
             b = prev[s : s + step].to(**f64)
-            acc.sq_prev += float(b.square().sum())
-            d = a - b
-            acc.gram_prev.addmm_(d.T, d)
+            acc.sq_prev += _sq(b)
+            acc.gram_prev.addmm_((d := a - b).T, d)
         if final is not None:
             b = final[s : s + step].to(**f64)
-            acc.sq_final += float(b.square().sum())
-            acc.dot_final += float((a * b).sum())
-            acc.sq_diff_final += float((a - b).square().sum())
+            acc.sq_final += _sq(b)
+            acc.dot_final += float(torch.dot(a.view(-1), b.view(-1)))
+            acc.sq_diff_final += _sq(a - b)
+        acc.gram.addmm_(a.T, a)
     return acc
+
+
+def _sq(t: torch.Tensor) -> float:
+    """Σ t² as one BLAS dot, without a squared temporary."""
+    flat = t.reshape(-1)
+    return float(torch.dot(flat, flat))
+
+
+def _sv(g: torch.Tensor | None):
+    """Singular values from a Gram matrix, or None when it is non-finite (a NaN/Inf reference)."""
+    return singular_values_from_gram(g) if g is not None and bool(torch.isfinite(g).all()) else None
 
 
 def _prefixed(prefix: str, values: dict[str, float]) -> dict[str, float]:
@@ -154,6 +164,8 @@ class WeightAnalyzer:
 
     @staticmethod
     def _check_finite(name: str, w: torch.Tensor, out: RunRows) -> bool:
+        if bool(torch.isfinite(w).all()):
+            return True
         nan, inf = int(torch.isnan(w).sum()), int(torch.isinf(w).sum())
         if nan:
             out.anomalies.append((name, "nan", f"{nan} of {w.numel()} values are NaN"))
@@ -163,13 +175,15 @@ class WeightAnalyzer:
 
     @staticmethod
     def _reference(ref: Checkpoint | None, name: str, shape: torch.Size) -> torch.Tensor | None:
-        """The same tensor in a reference checkpoint, or None when unusable (absent, non-finite)."""
+        """The same tensor in a reference checkpoint, or None when absent or reshaped.
+
+        A non-finite reference is not scanned for here: it yields a non-finite Gram matrix,
+        and that delta is then omitted (its own step already reported the anomaly).
+        """
         if ref is None or name not in ref.tensors:
             return None
         t = ref.read(name)
-        if t.shape != shape or not bool(torch.isfinite(t).all()):
-            return None
-        return t
+        return t if t.shape == shape else None
 
     @staticmethod
     def _units(name: str, role: Role, ctx: AnalysisContext, w: torch.Tensor, refs: dict[str, torch.Tensor | None]):
@@ -202,15 +216,13 @@ class WeightAnalyzer:
         values.update(heavy_tail_metrics(sv))
         if "weight" in self.spectra:
             out.add_spectrum(name, role.layer, component, "weight", shape, sv)
-        if acc.gram_init is not None:
-            sv_init = singular_values_from_gram(acc.gram_init)
+        if (sv_init := _sv(acc.gram_init)) is not None:
             values.update(self._delta("delta_init_", sv_init, acc.sq_first))
             if "delta_init" in self.spectra:
                 out.add_spectrum(name, role.layer, component, "delta_init", shape, sv_init)
         elif ctx.first is None:  # this is the first step: ΔW = 0 exactly
             values.update(self._delta("delta_init_", torch.zeros(1, dtype=torch.float64).numpy(), sq_w))
-        if acc.gram_prev is not None:
-            sv_prev = singular_values_from_gram(acc.gram_prev)
+        if (sv_prev := _sv(acc.gram_prev)) is not None:
             values.update(self._delta("delta_prev_", sv_prev, acc.sq_prev))
             if "delta_prev" in self.spectra:
                 out.add_spectrum(name, role.layer, component, "delta_prev", shape, sv_prev)

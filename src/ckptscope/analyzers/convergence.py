@@ -1,0 +1,192 @@
+"""The convergence analyzer: how close each layer's representation is to the reference step's.
+
+For every block ℓ and component (`resid`, `attn_out`, `mlp_out`) the probe is run through the
+checkpoint and through the reference checkpoint (the final step by default), every token
+position is a sample, and linear CKA between the two representations is stored as
+`cka_final` (biased) and `cka_final_debiased` (metric names say `ref` instead of `final` when
+the reference is another step). The `stabilization` view turns the `cka_final` series into the
+step from which each layer stays above a threshold.
+
+Memory is bounded whatever the probe's size: statistics are accumulated in feature space
+(`ckptscope.analyzers.cka`); sites are processed in groups whose float64 matrices fit
+`stats_mb`; the reference step's activations are cached across steps only when they fit
+`cache_mb`, otherwise the reference model stays loaded and is re-run batch by batch.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ckptscope.analyzers.activations import LoadedModel, Site, backend, build_model, capture, load_model, padded_batches, tokenizer_dirs
+from ckptscope.analyzers.base import AnalysisContext
+from ckptscope.analyzers.cka import Cross, Side, Summary
+from ckptscope.analyzers.corpus import Sequences, check_vocab, load_corpus
+from ckptscope.errors import CkptscopeError
+from ckptscope.ingest.checkpoint import Checkpoint
+from ckptscope.store.db import RunRows
+
+Batch = tuple[torch.Tensor, torch.Tensor]  # (input_ids, attention_mask)
+
+
+@dataclass
+class _Reference:
+    """The reference step's side of every CKA, computed once per run."""
+
+    key: tuple[str, int]
+    summaries: dict[str, Summary]
+    activations: list[dict[str, torch.Tensor]] | None  # per batch and site, when cached
+    model: LoadedModel | None  # kept to recompute activations when they are not cached
+
+
+def _activations(model: LoadedModel, sites: list[Site], batch: Batch) -> dict[str, torch.Tensor]:
+    """Each site's output at the batch's real (unpadded) token positions, as positions × features."""
+    ids, mask = (t.to(model.device) for t in batch)
+    with torch.no_grad(), capture(model.module, sites) as out:
+        model.module.base_model(input_ids=ids, attention_mask=mask)  # the LM head is not needed
+    valid = mask.bool()
+    return {name: t[valid] for name, t in out.items()}
+
+
+class ConvergenceAnalyzer:
+    """Per-layer linear CKA of activations on a probe set against a reference step."""
+
+    name = "convergence"
+    version = "1.0.0"
+
+    def __init__(self, probe: Path | str, *, reference_step: str | int = "final", batch_size: int = 16,
+                 cache_mb: float = 2048, stats_mb: float = 4096) -> None:
+        self.probe = load_corpus(probe, "probe")
+        self.reference_step = _parse_reference(reference_step)
+        if batch_size < 1:
+            raise CkptscopeError("--batch-size must be at least 1")
+        self.batch_size = batch_size
+        self.cache_mb, self.stats_mb = cache_mb, stats_mb
+        self._seqs: Sequences | None = None
+        self._batches: list[Batch] = []
+        self._reference_state: _Reference | None = None
+
+    @classmethod
+    def from_options(cls, probe: Path | str | None = None, reference_step: str | int = "final", batch_size: int = 16,
+                     **_: Any) -> ConvergenceAnalyzer:
+        if probe is None:
+            raise CkptscopeError("the convergence analyzer needs --probe FILE (token sequences to compare activations on)")
+        return cls(probe, reference_step=reference_step, batch_size=batch_size)
+
+    def parameters(self) -> dict[str, Any]:
+        return {**self.probe.provenance("probe"), "reference_step": self.reference_step, "batch_size": self.batch_size,
+                "samples": "token positions", "estimators": ["linear", "linear_debiased"]}
+
+    # -- per checkpoint ----------------------------------------------------------------------
+    def analyze(self, ctx: AnalysisContext) -> RunRows:
+        reference, label = self._resolve_reference(ctx)
+        model = load_model(ctx.checkpoint, ctx.device)
+        batches = self._prepare(ctx, model)
+        sites = model.sites()
+        params = {**self.parameters(), "reference_step": (reference or ctx.checkpoint).step,
+                  "positions": int(sum(int(m.sum()) for _, m in batches))}
+        out = RunRows(self.name, self.version, params, f"{model.dtype_label}; CKA statistics float64", backend(ctx.device))
+        if reference is None:  # this step is the reference: identical representations
+            values = {s.module: (1.0, 1.0) for s in sites}
+        else:
+            values = self._compare(ctx, model, reference, sites, batches)
+        for site in sites:
+            biased, debiased = values[site.module]
+            row = {f"cka_{label}": biased, f"cka_{label}_debiased": debiased}
+            out.add_metrics(site.module, site.layer, site.component, {k: v for k, v in row.items() if math.isfinite(v)})
+            if not math.isfinite(biased):
+                out.anomalies.append((site.module, "cka_undefined", "an activation matrix is constant over the probe, so CKA is undefined"))
+        return out
+
+    def _resolve_reference(self, ctx: AnalysisContext) -> tuple[Checkpoint | None, str]:
+        """The reference checkpoint (None when it is this one) and the metric label."""
+        if self.reference_step == "final":
+            return ctx.final, "final"
+        final_step = ctx.final.step if ctx.final is not None else ctx.checkpoint.step
+        step = (ctx.first.step if ctx.first is not None else ctx.checkpoint.step) if self.reference_step == "first" else self.reference_step
+        label = "final" if step == final_step else "ref"
+        for ckpt in (ctx.checkpoint, ctx.first, ctx.previous, ctx.final):
+            if ckpt is not None and ckpt.step == step:
+                return (None if ckpt is ctx.checkpoint else ckpt), label
+        raise CkptscopeError(f"reference step {step} is not open while step {ctx.checkpoint.step} is analyzed; "
+                             "use --reference-step final or first")
+
+    def _prepare(self, ctx: AnalysisContext, model: LoadedModel) -> list[Batch]:
+        """The probe as batches (built once per run), after checking it fits this model."""
+        if self._seqs is None:
+            seqs = self.probe.sequences(tokenizer_dirs(ctx))
+            self._seqs = seqs.subset([i for i, t in enumerate(seqs.tokens) if len(t)])
+            if not len(self._seqs):
+                raise CkptscopeError(f"{self.probe.path}: every sequence is empty; nothing to compare")
+            self._batches = padded_batches(self._seqs.tokens, self.batch_size)
+        longest = max(len(t) for t in self._seqs.tokens)
+        if model.max_positions() and longest > model.max_positions():
+            raise CkptscopeError(f"{self.probe.path}: a sequence has {longest} tokens, more than the model's "
+                                 f"{model.max_positions()} positions; cut the probe into shorter sequences")
+        check_vocab(self._seqs, model.vocab_size, self.probe.path)
+        return self._batches
+
+    def _groups(self, model: LoadedModel, sites: list[Site], matrices: int) -> list[list[Site]]:
+        """Sites in groups whose `matrices` float64 feature×feature accumulators each fit `stats_mb`."""
+        hidden = model.module.config.hidden_size
+        per_site = matrices * hidden * hidden * 8
+        size = max(1, int(self.stats_mb * 2**20 // per_site))
+        return [sites[i : i + size] for i in range(0, len(sites), size)]
+
+    def _reference(self, ctx: AnalysisContext, ckpt: Checkpoint, sites: list[Site], batches: list[Batch]) -> _Reference:
+        """Summaries (and, when they fit, activations) of the reference step, computed on first use."""
+        key = (str(ckpt.path.resolve()), ckpt.step)
+        if self._reference_state is not None and self._reference_state.key == key:
+            return self._reference_state
+        self._reference_state = None
+        model = build_model(ckpt, ctx.device)  # not via load_model: it must not evict the current step's model
+        positions = sum(int(m.sum()) for _, m in batches)
+        itemsize = torch.empty(0, dtype=model.dtype).element_size()
+        cached = positions * model.module.config.hidden_size * len(sites) * itemsize <= self.cache_mb * 2**20
+        acts: list[dict[str, torch.Tensor]] | None = [{} for _ in batches] if cached else None
+        summaries: dict[str, Summary] = {}
+        for group in self._groups(model, sites, matrices=1):
+            sides = {s.module: Side() for s in group}
+            for b, batch in enumerate(batches):
+                ctx.on_tensor(f"reference step {ckpt.step}, batch {b + 1}/{len(batches)}")
+                for name, y in _activations(model, group, batch).items():
+                    sides[name].add(y)
+                    if acts is not None:
+                        acts[b][name] = y.cpu()
+            summaries.update({name: side.summary() for name, side in sides.items()})
+        self._reference_state = _Reference(key, summaries, acts, None if cached else model)
+        return self._reference_state
+
+    def _compare(self, ctx: AnalysisContext, model: LoadedModel, ckpt: Checkpoint, sites: list[Site],
+                 batches: list[Batch]) -> dict[str, tuple[float, float]]:
+        ref = self._reference(ctx, ckpt, sites, batches)
+        values: dict[str, tuple[float, float]] = {}
+        for group in self._groups(model, sites, matrices=2):
+            sides = {s.module: Side() for s in group}
+            crosses = {s.module: Cross() for s in group}
+            for b, batch in enumerate(batches):
+                ctx.on_tensor(f"step {ctx.checkpoint.step}, batch {b + 1}/{len(batches)}")
+                xs = _activations(model, group, batch)
+                ys = ref.activations[b] if ref.activations is not None else _activations(ref.model, group, batch)
+                for name, x in xs.items():
+                    xt, a = sides[name].add(x)
+                    yt, bb = ref.summaries[name].shifted(ys[name].to(xt.device))
+                    crosses[name].add(xt, a, yt, bb)
+            values.update({name: crosses[name].cka(sides[name].summary(), ref.summaries[name]) for name in sides})
+        return values
+
+
+def _parse_reference(value: str | int) -> str | int:
+    """`final`, `first` or a step number."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    text = str(value).strip().lower()
+    if text in ("final", "first"):
+        return text
+    if text.isdigit():
+        return int(text)
+    raise CkptscopeError(f"bad --reference-step {value!r}; use final, first or a step number")

@@ -1,0 +1,204 @@
+"""Probe and corpus files: the token sequences the activation analyzers run a model on.
+
+Accepted formats (chosen by suffix):
+
+* JSON Lines (`.jsonl`, `.json`): one object per line with `id` and either `tokens` (a list of
+  token ids) or `text`, plus an optional `first_seen_step`;
+* Parquet (`.parquet`): the same columns;
+* NumPy (`.npy`): a 2-D integer array, one sequence per row, ids are row numbers (the layout of
+  Pythia's `batch_viewer.py` output).
+
+The file is parsed and hashed when an analyzer is built, so a bad file fails before any store
+is touched; `text` rows are tokenized later, once, with the checkpoint's own tokenizer, because
+only then is it known which tokenizer that is.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ckptscope.errors import CkptscopeError
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model", "vocab.txt")
+
+
+@dataclass
+class Sequences:
+    """Token sequences with their ids; `first_seen_step` is None where the file does not say."""
+
+    ids: list[str]
+    tokens: list[np.ndarray]
+    first_seen_step: list[int | None]
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def subset(self, keep: list[int]) -> Sequences:
+        return Sequences([self.ids[i] for i in keep], [self.tokens[i] for i in keep], [self.first_seen_step[i] for i in keep])
+
+
+@dataclass
+class Corpus:
+    """A parsed probe/corpus file; rows holding `text` stay strings until `sequences()` tokenizes them."""
+
+    path: Path
+    sha256: str
+    ids: list[str]
+    rows: list[np.ndarray | str]
+    first_seen_step: list[int | None]
+    _tokenized: Sequences | None = field(default=None, repr=False)
+
+    def provenance(self, key: str) -> dict[str, str]:
+        return {key: self.path.name, f"{key}_sha256": self.sha256}
+
+    def sequences(self, tokenizer_dirs: list[Path]) -> Sequences:
+        """Token ids of every row; text is tokenized with the first tokenizer found in `tokenizer_dirs`."""
+        if self._tokenized is None:
+            texts = [i for i, row in enumerate(self.rows) if isinstance(row, str)]
+            tokens = list(self.rows)
+            if texts:
+                tokenizer = load_tokenizer(tokenizer_dirs, self.path)
+                encoded = tokenizer([self.rows[i] for i in texts])["input_ids"]
+                for i, ids in zip(texts, encoded):
+                    tokens[i] = np.asarray(ids, dtype=np.int64)
+            self._tokenized = Sequences(self.ids, tokens, self.first_seen_step)
+        return self._tokenized
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def load_corpus(path: Path | str, what: str = "corpus") -> Corpus:
+    """Parse a probe/corpus file; `what` names the option in error messages ("probe", "corpus")."""
+    path = Path(path)
+    if not path.is_file():
+        raise CkptscopeError(f"--{what} {path}: no such file; give a .jsonl, .parquet or .npy file of token sequences")
+    suffix = path.suffix.lower()
+    try:
+        if suffix in (".jsonl", ".json"):
+            ids, rows, seen = _read_jsonl(path, what)
+        elif suffix == ".parquet":
+            ids, rows, seen = _read_parquet(path, what)
+        elif suffix == ".npy":
+            ids, rows, seen = _read_npy(path, what)
+        else:
+            raise CkptscopeError(f"--{what} {path}: unknown format {suffix or '(no suffix)'}; use .jsonl, .parquet or .npy")
+    except CkptscopeError:
+        raise
+    except (OSError, ValueError) as exc:  # unreadable, truncated or not the format its suffix says
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+        raise CkptscopeError(f"--{what} {path}: cannot read it ({first})") from None
+    if not ids:
+        raise CkptscopeError(f"--{what} {path}: the file holds no sequences")
+    return Corpus(path, file_sha256(path), ids, rows, seen)
+
+
+def _token_array(value: object, where: str) -> np.ndarray:
+    arr = np.asarray(value)
+    if arr.size == 0:
+        return np.zeros(0, dtype=np.int64)
+    if arr.ndim != 1 or arr.dtype.kind not in "iu":
+        raise CkptscopeError(f"{where}: `tokens` must be a list of integer token ids")
+    return arr.astype(np.int64)
+
+
+def _row(record: dict, index: int, where: str) -> tuple[str, np.ndarray | str, int | None]:
+    """One record as (id, tokens or text, first_seen_step); the id defaults to the row number."""
+    rid = record.get("id")
+    rid = str(index) if rid is None else str(rid)
+    if record.get("tokens") is not None:
+        value: np.ndarray | str = _token_array(record["tokens"], where)
+    elif isinstance(record.get("text"), str):
+        value = record["text"]
+    else:
+        raise CkptscopeError(f"{where}: needs a `tokens` list or a `text` string")
+    seen = record.get("first_seen_step")
+    if seen is not None and (isinstance(seen, bool) or not isinstance(seen, (int, np.integer))):
+        raise CkptscopeError(f"{where}: `first_seen_step` must be an integer step")
+    return rid, value, None if seen is None else int(seen)
+
+
+def _read_jsonl(path: Path, what: str) -> tuple[list, list, list]:
+    ids, rows, seen = [], [], []
+    with open(path, encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            where = f"--{what} {path} line {lineno}"
+            try:
+                record = json.loads(line)
+            except ValueError:
+                raise CkptscopeError(f"{where}: not valid JSON") from None
+            if not isinstance(record, dict):
+                raise CkptscopeError(f"{where}: expected a JSON object with `id` and `tokens` or `text`")
+            rid, value, first = _row(record, len(ids), where)
+            ids.append(rid)
+            rows.append(value)
+            seen.append(first)
+    return ids, rows, seen
+
+
+def _read_parquet(path: Path, what: str) -> tuple[list, list, list]:
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path)
+    if "tokens" not in table.column_names and "text" not in table.column_names:
+        raise CkptscopeError(f"--{what} {path}: needs a `tokens` or `text` column (has {', '.join(table.column_names)})")
+    ids, rows, seen = [], [], []
+    for i, record in enumerate(table.to_pylist()):
+        rid, value, first = _row(record, i, f"--{what} {path} row {i}")
+        ids.append(rid)
+        rows.append(value)
+        seen.append(first)
+    return ids, rows, seen
+
+
+def _read_npy(path: Path, what: str) -> tuple[list, list, list]:
+    data = np.load(path, mmap_mode="r", allow_pickle=False)
+    if data.ndim != 2 or data.dtype.kind not in "iu":
+        raise CkptscopeError(f"--{what} {path}: expected a 2-D integer array of token ids, got {data.ndim}-D {data.dtype}")
+    rows = [np.asarray(row, dtype=np.int64) for row in data]
+    return [str(i) for i in range(len(rows))], rows, [None] * len(rows)
+
+
+def load_tokenizer(dirs: list[Path], corpus: Path):
+    """The checkpoint's tokenizer; a clear error when none of `dirs` holds one."""
+    from transformers import AutoTokenizer
+
+    for d in dirs:
+        if any((d / f).is_file() for f in TOKENIZER_FILES):
+            try:
+                return AutoTokenizer.from_pretrained(str(d))
+            except (OSError, ValueError) as exc:
+                raise CkptscopeError(f"{d}: cannot load its tokenizer ({str(exc).splitlines()[0][:160]})") from None
+    raise CkptscopeError(
+        f"{corpus} has `text` rows but the checkpoint has no tokenizer (looked in {', '.join(map(str, dirs))}); "
+        "give `tokens` instead, or put the tokenizer files next to the checkpoints"
+    )
+
+
+def require_length(seqs: Sequences, length: int, path: Path) -> tuple[Sequences, int]:
+    """Sequences of at least `length` tokens and how many were shorter; an error if none remain."""
+    keep = [i for i, t in enumerate(seqs.tokens) if len(t) >= length]
+    if not keep:
+        raise CkptscopeError(f"{path}: all {len(seqs)} sequences are shorter than {length} tokens; nothing to analyze")
+    return seqs.subset(keep), len(seqs) - len(keep)
+
+
+def check_vocab(seqs: Sequences, vocab_size: int, path: Path) -> None:
+    """Token ids must index the model's embedding; an out-of-range id would crash or silently wrap."""
+    for rid, tokens in zip(seqs.ids, seqs.tokens):
+        if tokens.size and (tokens.min() < 0 or tokens.max() >= vocab_size):
+            bad = int(tokens.max()) if tokens.max() >= vocab_size else int(tokens.min())
+            raise CkptscopeError(f"{path}: sequence {rid!r} has token id {bad}, outside the model's vocabulary of {vocab_size}; "
+                                 "was it tokenized for another model?")

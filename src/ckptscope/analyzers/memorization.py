@@ -1,0 +1,146 @@
+"""The memorization analyzer: Pythia's memorization score of every corpus sequence at every step.
+
+Exactly as in EleutherAI's `eval_memorization.py`: the first `prompt_len` (32) tokens are the
+prompt, greedy decoding produces exactly `continuation_len` (32) new tokens, the score is the
+fraction equal to the true continuation and a sequence is memorized iff the score is 1. Pythia
+called `generate(min_length=64)`, which also forbids the EOS token until the end, so EOS is
+suppressed here too (`suppressed_tokens` in the provenance).
+
+One teacher-forced forward pass over prompt + true continuation gives, at once, the loss of the
+true continuation, the logit lens (each block's residual stream through the final norm and the
+unembedding: how early the true tokens become the top prediction), the first greedy token and
+the prompt's KV cache, which greedy decoding then extends one token at a time.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ckptscope.analyzers.activations import CAUSAL, LoadedModel, Site, backend, capture, load_model, tokenizer_dirs
+from ckptscope.analyzers.base import AnalysisContext
+from ckptscope.analyzers.corpus import Sequences, check_vocab, load_corpus, require_length
+from ckptscope.errors import CkptscopeError
+from ckptscope.store.db import RunRows
+
+
+def greedy_continuation(module: torch.nn.Module, cache: Any, logits: torch.Tensor, steps: int,
+                        suppressed: list[int]) -> torch.Tensor:
+    """`steps` greedy tokens after a prompt whose KV `cache` and last-position `logits` are given."""
+    tokens = []
+    for i in range(steps):
+        scores = logits.float()  # argmax in float32, as `generate` takes it
+        scores[:, suppressed] = -math.inf
+        nxt = scores.argmax(-1)
+        tokens.append(nxt)
+        if i + 1 < steps:
+            out = module(input_ids=nxt[:, None], past_key_values=cache, use_cache=True)
+            cache, logits = out.past_key_values, out.logits[:, -1]
+    return torch.stack(tokens, 1)
+
+
+class MemorizationAnalyzer:
+    """Pythia memorization score, continuation loss and per-layer logit lens per corpus sequence."""
+
+    name = "memorization"
+    version = "1.0.0"
+
+    def __init__(self, corpus: Path | str, *, prompt_len: int = 32, continuation_len: int = 32, batch_size: int = 16) -> None:
+        if prompt_len < 1 or continuation_len < 1:
+            raise CkptscopeError("--prompt-len and --continuation-len must be at least 1")
+        if batch_size < 1:
+            raise CkptscopeError("--batch-size must be at least 1")
+        self.corpus = load_corpus(corpus, "corpus")
+        self.prompt_len, self.continuation_len, self.batch_size = prompt_len, continuation_len, batch_size
+        self._seqs: Sequences | None = None
+        self._skipped = 0
+
+    @classmethod
+    def from_options(cls, corpus: Path | str | None = None, prompt_len: int = 32, continuation_len: int = 32,
+                     batch_size: int = 16, **_: Any) -> MemorizationAnalyzer:
+        if corpus is None:
+            raise CkptscopeError("the memorization analyzer needs --corpus FILE (token sequences to test for memorization)")
+        return cls(corpus, prompt_len=prompt_len, continuation_len=continuation_len, batch_size=batch_size)
+
+    def parameters(self) -> dict[str, Any]:
+        return {**self.corpus.provenance("corpus"), "prompt_len": self.prompt_len, "continuation_len": self.continuation_len,
+                "batch_size": self.batch_size, "decoding": "greedy, exactly continuation_len tokens",
+                "logit_lens": "resid through final norm and unembedding, teacher-forced"}
+
+    def analyze(self, ctx: AnalysisContext) -> RunRows:
+        model = load_model(ctx.checkpoint, ctx.device)
+        suppressed = self._suppressed(model)
+        out = RunRows(self.name, self.version, {**self.parameters(), "suppressed_tokens": suppressed},
+                      model.dtype_label, backend(ctx.device))
+        if model.kind != CAUSAL:
+            out.anomalies.append((None, "not_applicable", f"memorization needs a causal LM; {ctx.checkpoint.path.name} is a masked LM"))
+            return out
+        seqs = self._prepare(ctx, model)
+        out.parameters["sequences"], out.parameters["skipped_short"] = len(seqs), self._skipped
+        if self._skipped:
+            out.anomalies.append((None, "short_sequences", f"{self._skipped} of {len(seqs) + self._skipped} corpus sequences are "
+                                  f"shorter than {self.prompt_len + self.continuation_len} tokens and were skipped"))
+        sites = [s for s in model.sites() if s.component == "resid"]
+        if model.final_norm() is None:
+            out.anomalies.append((None, "no_logit_lens", "no final norm found, so the logit lens is not computed"))
+            sites = []
+        length = self.prompt_len + self.continuation_len
+        tokens = torch.from_numpy(np.stack([t[:length] for t in seqs.tokens]))
+        scores, losses, hits = [], [], torch.zeros(len(sites), dtype=torch.long)
+        n_batches = math.ceil(len(tokens) / self.batch_size)
+        for b in range(n_batches):
+            ctx.on_tensor(f"memorization batch {b + 1}/{n_batches}")
+            s, l, h = self._batch(model, tokens[b * self.batch_size : (b + 1) * self.batch_size], sites, suppressed)
+            scores.append(s)
+            losses.append(l)
+            hits += h
+        score = torch.cat(scores).tolist()
+        loss = [v if math.isfinite(v) else None for v in torch.cat(losses).tolist()]
+        out.tables["memorization"] = {"sequence_id": list(seqs.ids), "score": score, "memorized": [v == 1.0 for v in score],
+                                      "loss": loss, "first_seen_step": list(seqs.first_seen_step)}
+        for site, count in zip(sites, hits.tolist()):
+            out.add_metrics(site.module, site.layer, site.component,
+                            {"memorization_logit_lens": count / (len(tokens) * self.continuation_len)})
+        return out
+
+    def _suppressed(self, model: LoadedModel) -> list[int]:
+        """EOS ids, which `generate(min_length=...)` forbids before the last token, as in Pythia's evaluation."""
+        config = getattr(model.module, "generation_config", None) or model.module.config
+        eos = getattr(config, "eos_token_id", None)
+        ids = eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos]
+        return sorted({int(i) for i in ids if 0 <= int(i) < model.vocab_size})
+
+    def _prepare(self, ctx: AnalysisContext, model: LoadedModel) -> Sequences:
+        """Corpus sequences long enough for prompt + continuation (once per run), checked against this model."""
+        length = self.prompt_len + self.continuation_len
+        if model.max_positions() and length > model.max_positions():
+            raise CkptscopeError(f"--prompt-len + --continuation-len = {length} exceeds the model's {model.max_positions()} positions")
+        if self._seqs is None:
+            self._seqs, self._skipped = require_length(self.corpus.sequences(tokenizer_dirs(ctx)), length, self.corpus.path)
+        check_vocab(self._seqs, model.vocab_size, self.corpus.path)
+        return self._seqs
+
+    def _batch(self, model: LoadedModel, ids: torch.Tensor, sites: list[Site],
+               suppressed: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(scores, continuation losses, logit-lens hits per site) of one batch of equal-length sequences."""
+        p, c = self.prompt_len, self.continuation_len
+        ids = ids.to(model.device)
+        targets = ids[:, p:]
+        with torch.no_grad():
+            with capture(model.module, sites) as resid:
+                out = model.module(input_ids=ids, use_cache=True, logits_to_keep=c + 1)
+            logits = out.logits[:, :c].float()  # positions p−1 … p+c−2 predict the continuation
+            loss = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none").mean(1)
+            norm, head = model.final_norm(), model.module.get_output_embeddings()
+            hits = torch.tensor([int((head(norm(resid[s.module][:, p - 1 : p + c - 1])).argmax(-1) == targets).sum())
+                                 for s in sites], dtype=torch.long)
+            cache = out.past_key_values
+            cache.crop(-c)  # drop the true continuation: keep the prompt's keys and values
+            generated = greedy_continuation(model.module, cache, out.logits[:, 0], c, suppressed)
+        score = (generated == targets).float().mean(1)
+        return score.cpu(), loss.cpu(), hits
