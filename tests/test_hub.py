@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ckptscope.errors import SourceError
+from ckptscope.errors import MissingRevision, SourceError
 from ckptscope.ingest.catalog import FAMILIES, Suite, describe, list_suites, resolve
 from ckptscope.ingest.local import CheckpointRef
 from hubserver import FaultProxy, LfsFile, checkpoint_files, serve
@@ -188,7 +188,7 @@ def test_open_step_branch_fetches_config_and_bin_only(hub, tmp_path, weights):
 
 def test_open_main_fetches_one_format(hub, tmp_path, weights):
     src = source(tmp_path)
-    ckpt = src.open(CheckpointRef(143000, "EleutherAI/pythia-14m@main", Path("unused")))
+    ckpt = src.open(CheckpointRef(143000, "EleutherAI/pythia-14m@main"))
     assert sorted(p.name for p in ckpt.path.iterdir()) == ["config.json", "model.safetensors"]
     blobs = [f for f in cached_files(tmp_path) if "/blobs/" in f]
     assert len(blobs) == 2  # the .bin on main was never downloaded
@@ -243,8 +243,6 @@ def test_unknown_suite_and_repo(hub, tmp_path):
 
 
 def test_revision_without_weights_is_missing(hub, tmp_path):
-    from ckptscope.ingest.hub import MissingRevision
-
     src = source(tmp_path)
     ref = by_step(src.refs())[8]
     with pytest.raises(MissingRevision, match="pythia-14m@step8 holds no weights"):
@@ -256,8 +254,6 @@ def test_revision_without_weights_is_missing(hub, tmp_path):
 
 
 def test_vanished_revision_is_missing(hub, tmp_path):
-    from ckptscope.ingest.hub import MissingRevision
-
     src = source(tmp_path, "faults/vanish")
     refs = src.refs()
     hub.delete_branch("faults/vanish", "step2")
@@ -307,8 +303,6 @@ def test_prefetch_downloads_in_background(hub, tmp_path, weights):
 
 def test_sweep_keeps_cache_bounded(hub, tmp_path, weights):
     """The pipeline's order: open current, prefetch next, analyze, release current (first/last kept as references)."""
-    from ckptscope.ingest.hub import MissingRevision
-
     src = source(tmp_path)
     refs = [r for r in src.refs() if r.step != 8]
     first, last = src.open(refs[0]), src.open(refs[-1])
@@ -405,7 +399,7 @@ def test_5xx_are_retried(hub, tmp_path, weights):
         assert proxy.failed == 2
         proxy.fail_next(100, 502)
         with pytest.raises(SourceError, match="failed listing EleutherAI/pythia-14m@step2 \\(HTTP 502\\) after 4 attempts; rerun to resume"):
-            src.open(CheckpointRef(2, "EleutherAI/pythia-14m@step2", Path(".")))
+            src.open(CheckpointRef(2, "EleutherAI/pythia-14m@step2"))
         assert proxy.failed == 2 + 4
 
 
@@ -424,11 +418,11 @@ def test_token_never_in_ids_or_errors(hub, tmp_path, monkeypatch):
     src = source(tmp_path, endpoint=hub.endpoint.replace("http://", f"http://user:{secret}@"))
     ref = by_step(src.refs())[1]
     assert src.open(ref).step == 1
-    assert secret not in src.id + repr(src) + src.host + ref.revision + str(ref.path)
+    assert secret not in src.id + repr(src) + src.host + ref.revision
     hub.stop()
     try:
         with pytest.raises(SourceError) as err:
-            src.open(CheckpointRef(2, "EleutherAI/pythia-14m@step2", Path(".")))
+            src.open(CheckpointRef(2, "EleutherAI/pythia-14m@step2"))
         assert secret not in str(err.value)
     finally:
         hub.start()

@@ -51,7 +51,7 @@ from huggingface_hub.errors import (
 )
 from huggingface_hub.file_download import repo_folder_name
 
-from ckptscope.errors import SourceError
+from ckptscope.errors import MissingRevision, SourceError
 from ckptscope.ingest.catalog import Suite, resolve, suggest
 from ckptscope.ingest.checkpoint import BIN_INDEX, BIN_SINGLE, SAFETENSORS_INDEX, SAFETENSORS_SINGLE, Checkpoint
 from ckptscope.ingest.local import CheckpointRef
@@ -67,15 +67,12 @@ FORMATS = {  # format -> (index, single file, predicate for its weight files)
 }
 
 
-class MissingRevision(SourceError):
-    """A listed revision has no complete weights, or no longer exists: record it as missing and go on."""
-
-
 @dataclass(frozen=True)
 class HubRef(CheckpointRef):
-    """A checkpoint on the Hub. `revision` is `ORG/NAME@BRANCH`, which names it on its own (the
-    store keeps it, and `open()` accepts any ref whose revision has that form). `path` is the HF
-    cache snapshot the files land in as listed now; `open()` returns the authoritative one."""
+    """A checkpoint on the Hub, as listed. `revision` is `ORG/NAME@BRANCH`, which names it on its
+    own (the store keeps it, and `open()` accepts any ref whose revision has that form). `path`
+    stays None: the files' place in the HF cache depends on the commit the branch points to when
+    `open()` runs, and the Checkpoint it returns carries it. `commit` is the one listed."""
 
     repo: str = ""
     branch: str = ""
@@ -197,7 +194,7 @@ class HubSource:
         return sorted(refs, key=lambda r: r.step)
 
     def _ref(self, step: int, repo: str, branch: str, commit: str) -> HubRef:
-        return HubRef(step, f"{repo}@{branch}", self._folder(repo) / "snapshots" / commit, repo=repo, branch=branch, commit=commit)
+        return HubRef(step, f"{repo}@{branch}", None, repo=repo, branch=branch, commit=commit)
 
     def tokens(self, step: int, revision: str) -> int | None:
         """Tokens seen at `step`, from the revision name or the suite's tokens per step."""
@@ -451,7 +448,7 @@ class HubSource:
             return SourceError(f"{what}: the repo is gated or private; accept its terms on the Hub and set HF_TOKEN")
         if isinstance(exc, (RepositoryNotFoundError, RevisionNotFoundError, EntryNotFoundError)) or status in (401, 404):
             return _NotFound(str(exc))
-        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        if any(isinstance(e, OSError) and e.errno == errno.ENOSPC for e in _chain(exc)):
             return SourceError(f"{what}: disk full in {self.cache_dir}; free space or point HF_HUB_CACHE at a larger disk")
         return exc
 
