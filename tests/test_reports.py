@@ -73,10 +73,10 @@ def cka(depth: float, progress: float) -> float:
 def convergence_store(two_models, tmp_path_factory) -> Path:
     """The two-model store plus rows of analyzers that do not exist yet (CKA, memorization).
 
-    SYNTHETIC ROWS, written with SQL because no analyzer produces them yet: metric `cka_final`
-    and `memorization_logit_lens` per layer (component `residual`) under a run of analyzer
-    `synthetic-test`, and a `memorization` table with the columns the report reads (model, step,
-    sequence_id, score, memorized, loss). Replace with the real analyzers once they land.
+    SYNTHETIC ROWS, written with SQL because no analyzer produces them yet: metrics `cka_final`
+    and `memorization_logit_lens` per layer (component `residual`) and rows of the store's
+    `memorization` table, under one run of analyzer `synthetic-test` per checkpoint. Replace
+    with the real analyzers once they land.
     """
     store = tmp_path_factory.mktemp("conv") / "conv.duckdb"
     shutil.copy(two_models, store)
@@ -94,13 +94,12 @@ def convergence_store(two_models, tmp_path_factory) -> Path:
                 metric_rows.append((run_id, model, step, tensor, layer, "residual", "memorization_logit_lens", 0.1 * layer + step / last))
             for seq in range(10):
                 memorized = seq < round(10 * step / last)
-                mem_rows.append((model, step, seq, seq / 10 + step / last, memorized, 3.0 - step / last))
+                mem_rows.append((run_id, model, step, f"seq-{seq}", 1.0 if memorized else seq / 20, memorized, 3.0 - step / last))
         cols = ["run_id", "model", "step", "tensor", "layer", "component", "metric", "value"]
         db.con.register("synthetic_metrics", pa.table(dict(zip(cols, map(list, zip(*metric_rows))))))
         db.con.execute(f"INSERT INTO metric_values ({', '.join(cols)}) SELECT * FROM synthetic_metrics")
-        db.con.execute("CREATE TABLE memorization (model VARCHAR, step BIGINT, sequence_id BIGINT, score DOUBLE, "
-                       "memorized BOOLEAN, loss DOUBLE)")
-        db.con.executemany("INSERT INTO memorization VALUES (?, ?, ?, ?, ?, ?)", mem_rows)
+        db.con.executemany("INSERT INTO memorization (run_id, model, step, sequence_id, score, memorized, loss) "
+                           "VALUES (?, ?, ?, ?, ?, ?, ?)", mem_rows)
     return store
 
 
@@ -209,8 +208,12 @@ def test_hover_and_component_selector(one_model, browser, tmp_path):
 
     # chart1 is the checkpoint overview, chart2 the stable_rank heatmap (-0) and lines (-1);
     # heatmap cells are hovered by position: x = log10(step + 1), y = layer
+    with ckptscope.Store(one_model, read_only=True) as db:
+        value = db.sql("SELECT value FROM metrics WHERE metric = 'stable_rank' AND component = 'attn.qkv' "
+                       "AND layer = 1 AND step = 8")["value"][0]
     text = hover("chart2-0", {"xval": math.log10(8 + 1), "yval": 1})
-    for fragment in ("model: pythia-tiny", "component: attn.qkv", "layer: 1", "step: 8", "tokens: 16,384", "stable_rank: "):
+    for fragment in ("model: pythia-tiny", "component: attn.qkv", "layer: 1", "step: 8", "tokens: 16,384",
+                     f"stable_rank: {value:.4g}"):
         assert fragment in text, text
     lines = hover("chart2-1", [{"curveNumber": 0, "pointNumber": 5}])
     assert "layer: 0" in lines and "step: 16" in lines, lines
@@ -249,9 +252,9 @@ def test_convergence_and_memorization(convergence_store, browser, tmp_path):
         ladder = steps[row["model"]]
         depth = row["relative_depth"]
         stable = [s for i, s in enumerate(ladder) if all(cka(depth, t / ladder[-1]) >= 0.9 for t in ladder[i:])][0]
-        assert row["stable_step"] == stable and row["fraction"] == pytest.approx(stable / ladder[-1])
-        fractions.add(row["fraction"])
-    assert got.height == 6 and len(fractions) > 2
+        assert row["stabilization_step"] == stable and row["stabilization_fraction"] == pytest.approx(stable / ladder[-1])
+        fractions.add(row["stabilization_fraction"])
+    assert got.height == 6 and len(fractions) > 1
     assert mem["memorized_rate"].to_list() == pytest.approx([round(10 * s / 64) / 10 for s in steps["deep-4L"]])
 
 
@@ -269,9 +272,10 @@ def test_store_text_is_escaped(xss_store, browser, tmp_path):
 
 
 @pytest.mark.skipif(os.environ.get("CKPTSCOPE_DOCS_SCREENSHOT") != "1" or not (DEMO_SUITE / "step0").is_dir(),
-                    reason="writes docs/report.png from the demo suite; run with CKPTSCOPE_DOCS_SCREENSHOT=1 once the suite exists")
-def test_demo_suite_screenshot_for_readme(browser, tmp_path):
-    store = tmp_path / "demo.duckdb"
+                    reason="refreshes docs/report.png from the demo suite only when asked: CKPTSCOPE_DOCS_SCREENSHOT=1")
+def test_demo_suite_screenshot_for_readme(browser, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the header then names the store as `ckptscope demo` does
+    store = Path("ckptscope-demo.duckdb")
     meta = DEMO_SUITE / "suite.json"
     ckptscope.ingest(DEMO_SUITE, store=store, name="demo-neox",
                      tokens_per_step=json.loads(meta.read_text()).get("tokens_per_step") if meta.is_file() else None)

@@ -179,5 +179,44 @@ def _demo_tokens_per_step(suite: Path) -> int | None:
     return json.loads(meta.read_text()).get("tokens_per_step") if meta.is_file() else None
 
 
+def _names(value: str | None) -> list[str] | None:
+    """`a,b` -> ["a", "b"]; unset or empty means no filter."""
+    names = [v.strip() for v in (value or "").split(",") if v.strip()]
+    return names or None
+
+
+@main.command()
+@_store_option
+@click.option("--models", help="Comma-separated models [default: all].")
+@click.option("--metrics", help="Comma-separated metrics [default: stable_rank, effective_rank, alpha, "
+                                "delta_init_relative, final_relative_distance, spectral_norm where present].")
+@click.option("--components", help="Comma-separated components, e.g. attn.qkv,mlp.in [default: all].")
+@click.option("--output", "-o", type=click.Path(path_type=Path), default="report.html", show_default=True,
+              help="HTML file to write.")
+@_friendly
+def report(store, models, metrics, components, output):
+    """Write a self-contained HTML report of the store (opens offline)."""
+    from ckptscope.reports import build_report  # plotting stack loaded only by the commands that draw
+
+    path = build_report(store or default_store_path(), output, models=_names(models), metrics=_names(metrics),
+                        components=_names(components))
+    out.print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)", highlight=False, soft_wrap=True)
+
+
+@main.command()
+@click.argument("metric")
+@_store_option
+@click.option("--model", help="Model to plot [default: the only one in the store].")
+@click.option("--component", help="One component [default: one panel per component].")
+@click.option("--output", "-o", type=click.Path(path_type=Path), required=True, help="Figure file: .png, .svg or .pdf.")
+@_friendly
+def plot(metric, store, model, component, output):
+    """Save a static figure of METRIC against step, one line per layer."""
+    from ckptscope.reports import plot_metric
+
+    path = plot_metric(store or default_store_path(), metric, output, model=model, component=component)
+    out.print(f"wrote {path}", highlight=False, soft_wrap=True)
+
+
 if __name__ == "__main__":
     main()

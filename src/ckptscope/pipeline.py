@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import polars as pl
@@ -43,7 +43,21 @@ class Plan:
     todo: list[int]  # selected steps still to analyze, ascending
     config: dict | None
     family: str
-    shapes: dict[str, tuple[int, ...]]
+    shapes: dict[str, tuple[int, ...]]  # of the first checkpoint; remote sources fill it on first open
+    stored_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+
+    def adopt(self, ckpt: Checkpoint) -> None:
+        """Check a checkpoint against the run's architecture (taking it as the run's, if first)."""
+        current = {name: info.shape for name, info in ckpt.tensors.items() if not is_buffer(name)}
+        if not self.shapes:
+            _check_against_store(self, current)
+            self.shapes, self.config = current, ckpt.config
+            self.family = family(ckpt.config)
+            return
+        for name, shape in current.items():
+            if self.shapes.get(name, shape) != shape:
+                raise SourceError(f"step {ckpt.step}: tensor {name} has shape {list(shape)}, other steps have "
+                                  f"{list(self.shapes[name])}; a model's checkpoints must share one architecture")
 
 
 def _num_layers(config: dict | None, shapes: dict[str, tuple[int, ...]], fam: str) -> int | None:
@@ -73,33 +87,60 @@ def _validate(ckpts: list[Checkpoint]) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def plan_ingest(source: str | Path, *, name: str | None, steps: str | None, max_steps: int | None,
-                analyzers: list[Analyzer]) -> Plan:
-    """Resolve the source and steps and validate every selected checkpoint; reads no store."""
+def open_source(source: str | Path, *, steps: str | None = None, revision_pattern: str | None = None,
+                keep: bool = False) -> Source:
+    """A local run directory, or a suite or repo on the hub (`pythia-160m`, `allenai/OLMo-1B-hf`).
+
+    SOURCE is local when it exists, is a Path, starts with `/`, `.` or `~`, has more than one
+    `/`, or `--steps` names directories; anything else is looked up in the catalog / on the hub.
+    """
     explicit = parse_explicit_steps(steps)
-    src = LocalSource(source, explicit)
+    text = str(source)
+    if (explicit is not None or isinstance(source, Path) or Path(text).expanduser().exists()
+            or text.startswith(("/", ".", "~")) or text.count("/") > 1):
+        return LocalSource(text, explicit)
+    from ckptscope.ingest.hub import HubSource  # loads huggingface_hub only for hub sources
+
+    return HubSource(text, revision_pattern=revision_pattern, keep=keep)
+
+
+def plan_ingest(src: Source, *, name: str | None, steps: str | None, max_steps: int | None,
+                analyzers: list[Analyzer]) -> Plan:
+    """Resolve the steps; validate every selected local checkpoint up front (reads no store).
+
+    Remote checkpoints are validated as they arrive: checking them first would mean
+    downloading the whole sweep before analyzing any of it.
+    """
     available = {ref.step: ref for ref in src.refs()}
+    explicit = getattr(src, "explicit", None)
     selected = select_steps(None if explicit else steps, list(available), max_steps=max_steps)
     if any(isinstance(a, WeightAnalyzer) for a in analyzers):
         # Deltas and convergence are taken against the first and last checkpoints.
         selected = sorted({*selected, min(available), max(available)})
-    ckpts = [src.open(available[s]) for s in selected]
-    shapes = _validate(ckpts)
-    config = next((c.config for c in ckpts if c.config), None)
-    return Plan(name or src.default_name, src, available, list(selected), config, family(config), shapes)
+    plan = Plan(name or src.default_name, src, available, list(selected), None, "unknown", {})
+    if src.kind == "local":
+        ckpts = [src.open(available[s]) for s in selected]
+        plan.shapes = _validate(ckpts)
+        plan.config = next((c.config for c in ckpts if c.config), None)
+        plan.family = family(plan.config)
+    return plan
+
+
+def _check_against_store(plan: Plan, shapes: dict[str, tuple[int, ...]]) -> None:
+    for name, shape in shapes.items():
+        if plan.stored_shapes.get(name, shape) != shape:
+            raise SourceError(
+                f"tensor {name} has shape {list(shape)} but model {plan.model!r} in the store has {list(plan.stored_shapes[name])}; "
+                "ingest this run under another --name"
+            )
 
 
 def reconcile(plan: Plan, store: Store, analyzers: list[Analyzer], *, force: bool) -> None:
     """Check the plan against what the store already holds and drop steps already done."""
     stored = store.sql("SELECT tensor, shape FROM tensors WHERE model = ? AND step = (SELECT min(step) FROM tensors WHERE model = ?)",
                        [plan.model, plan.model])
-    stored_shapes = {row["tensor"]: tuple(row["shape"]) for row in stored.iter_rows(named=True)}
-    for name, shape in plan.shapes.items():
-        if name in stored_shapes and stored_shapes[name] != shape:
-            raise SourceError(
-                f"tensor {name} has shape {list(shape)} but model {plan.model!r} in the store has {list(stored_shapes[name])}; "
-                "ingest this run under another --name"
-            )
+    plan.stored_shapes = {row["tensor"]: tuple(row["shape"]) for row in stored.iter_rows(named=True)}
+    _check_against_store(plan, plan.shapes)
     if not force:
         done = set.intersection(*(store.steps_done(plan.model, a.name) for a in analyzers))
         plan.todo = [s for s in plan.todo if s not in done]
@@ -115,17 +156,27 @@ def _progress(enabled: bool) -> Iterator[Progress]:
 def ingest(source: str | Path, *, store: Store | str | Path | None = None, name: str | None = None,
            steps: str | None = None, max_steps: int | None = None, analyzers: str | list[str] | None = "weights",
            force: bool = False, tokens_per_step: int | None = None, device: str = "cpu",
-           rtol: float = 1e-3, progress: bool = False) -> pl.DataFrame:
-    """Analyze the checkpoints of a local run into the store; returns one row per step written.
+           rtol: float = 1e-3, revision_pattern: str | None = None, keep: bool = False,
+           progress: bool = False) -> pl.DataFrame:
+    """Analyze the checkpoints of a local run or a hub suite into the store; one row per step written.
 
     `steps` is a selection SPEC (see `ckptscope.ingest.steps`) or explicit `STEP=PATH` pairs.
     Steps already analyzed are skipped unless `force`. Raises `CkptscopeError` on bad input,
-    before anything is written.
+    before anything is written. Hub downloads are evicted after use unless `keep`.
     """
     chosen = build_analyzers(analyzers, rtol=rtol)
     if tokens_per_step is not None and tokens_per_step <= 0:
         raise SourceError("--tokens-per-step must be a positive number of tokens")
-    plan = plan_ingest(source, name=name, steps=steps, max_steps=max_steps, analyzers=chosen)
+    src = open_source(source, steps=steps, revision_pattern=revision_pattern, keep=keep)
+    try:
+        plan = plan_ingest(src, name=name, steps=steps, max_steps=max_steps, analyzers=chosen)
+        return _run(plan, store, chosen, force=force, tokens_per_step=tokens_per_step, device=device, progress=progress)
+    finally:
+        src.close()
+
+
+def _run(plan: Plan, store: Store | str | Path | None, chosen: list[Analyzer], *, force: bool,
+         tokens_per_step: int | None, device: str, progress: bool) -> pl.DataFrame:
     if isinstance(store, Store):
         reconcile(plan, store, chosen, force=force)
         return _execute(plan, store, chosen, tokens_per_step=tokens_per_step, device=device, progress=progress)
@@ -173,67 +224,83 @@ def _execute(plan: Plan, db: Store | None, analyzers: list[Analyzer], *, tokens_
     prior = db.model(plan.model)
     if tokens_per_step is None and prior:
         tokens_per_step = prior["tokens_per_step"]
-    model_row = ModelRow(source=plan.source.id, architecture=plan.family, num_layers=_num_layers(plan.config, plan.shapes, plan.family),
-                         num_parameters=sum(_numel(s) for s in plan.shapes.values()), tokens_per_step=tokens_per_step,
-                         config=plan.config)
     stored = db.checkpoints(plan.model).filter(pl.col("status") == "ok")
+    stored_ok = set(stored["step"].to_list())
     hashes = {row["content_hash"]: row["step"] for row in stored.iter_rows(named=True) if row["content_hash"]}
     # References are the steps in the store or being ingested that the source still holds.
-    all_steps = sorted(set(plan.todo) | (set(stored["step"].to_list()) & set(plan.available)))
+    all_steps = sorted(set(plan.todo) | (stored_ok & set(plan.available)))
     ckpts = _Checkpoints(plan.source, plan.available)
+    registered = False
+    report: list[dict] = []
 
     def tokens(step: int) -> int | None:
         known = plan.source.tokens(step, plan.available[step].revision)
         return known if known is not None else (step * tokens_per_step if tokens_per_step else None)
 
-    report = []
+    def write(rows: CheckpointRows) -> None:
+        nonlocal registered
+        model = None if registered else ModelRow(
+            source=plan.source.id, architecture=plan.family, num_layers=_num_layers(plan.config, plan.shapes, plan.family),
+            num_parameters=sum(_numel(s) for s in plan.shapes.values()), tokens_per_step=tokens_per_step, config=plan.config)
+        db.write_checkpoint(rows, replace=True, model=model)
+        registered = True
+
+    def pick(candidates: list[int]) -> Checkpoint | None:
+        """The first candidate the source can open; revisions without weights are recorded and dropped."""
+        for step in candidates:
+            try:
+                ckpt = ckpts.get(step)
+            except MissingRevision as exc:
+                all_steps.remove(step)
+                if step not in stored_ok and plan.shapes:
+                    write(CheckpointRows(model=plan.model, step=step, tokens=tokens(step), revision=plan.available[step].revision,
+                                         source=plan.source.id, content_hash=None, tensors=_tensor_rows(None, plan.family),
+                                         runs=[], status="missing", anomaly=("missing_revision", str(exc))))
+                    report.append({"step": step, "status": "missing", "duplicate_of": None, "tensors": 0, "seconds": 0.0})
+                continue
+            plan.adopt(ckpt)
+            return ckpt
+        return None
+
     with _progress(progress) as bar:
         steps_task = bar.add_task(f"[bold]{plan.model}[/] checkpoints", total=len(plan.todo))
         tensor_task = bar.add_task("tensors", total=0, visible=False)
         for i, step in enumerate(plan.todo):
+            bar.advance(steps_task)
+            if step not in all_steps:  # found missing while it served as a reference
+                continue
             started = time.perf_counter()
             idx = all_steps.index(step)
-            first, previous, final = all_steps[0], all_steps[idx - 1] if idx else None, all_steps[-1]
-            ckpts.keep_only({first, previous, step, final})
+            ckpts.keep_only({all_steps[0], all_steps[idx - 1] if idx else step, step, all_steps[-1]})
             if i + 1 < len(plan.todo):
                 ckpts.prefetch(plan.todo[i + 1])
-            try:
-                ckpt = ckpts.get(step)
-            except MissingRevision as exc:
-                db.write_checkpoint(CheckpointRows(
-                    model=plan.model, step=step, tokens=tokens(step), revision=plan.available[step].revision,
-                    source=plan.source.id, content_hash=None, tensors=_tensor_rows(None, plan.family), runs=[],
-                    status="missing", anomaly=("missing_revision", str(exc))), replace=True, model=model_row)
-                model_row = None
-                report.append({"step": step, "status": "missing", "duplicate_of": None, "tensors": 0, "seconds": 0.0})
-                bar.advance(steps_task)
+            first = pick(all_steps[:idx])
+            ckpt = pick([step])
+            if ckpt is None:
                 continue
+            idx = all_steps.index(step)
+            previous = pick(all_steps[idx - 1 :: -1] if idx else [])
+            final = pick(all_steps[: idx : -1])
             digest = ckpt.content_hash()
             duplicate_of = hashes.get(digest) if hashes.get(digest) != step else None
             hashes.setdefault(digest, step)
             n_tensors = sum(1 for n in ckpt.tensors if not is_buffer(n))
             bar.reset(tensor_task, total=n_tensors * len(analyzers), visible=progress, description=f"step {step}")
-            ctx = AnalysisContext(
-                checkpoint=ckpt, family=plan.family, config=plan.config, device=device,
-                first=ckpts.get(first) if step != first else None,
-                previous=ckpts.get(previous),
-                final=ckpts.get(final) if step != final else None,
-                on_tensor=lambda _name: bar.advance(tensor_task),
-            )
+            ctx = AnalysisContext(checkpoint=ckpt, family=plan.family, config=plan.config, device=device,
+                                  first=first, previous=previous, final=final,
+                                  on_tensor=lambda _name: bar.advance(tensor_task))
             runs = [a.analyze(ctx) for a in analyzers]
-            rows = CheckpointRows(
+            write(CheckpointRows(
                 model=plan.model, step=step, tokens=tokens(step), revision=ckpt.revision,
                 source=str(ckpt.path) if plan.source.kind == "local" else plan.source.id, content_hash=digest,
                 tensors=_tensor_rows(ckpt, plan.family), runs=runs, duplicate_of=duplicate_of,
-            )
-            db.write_checkpoint(rows, replace=True, model=model_row)
-            model_row = None
+            ))
             report.append({"step": step, "status": "duplicate" if duplicate_of is not None else "ok",
                            "duplicate_of": duplicate_of, "tensors": n_tensors, "seconds": round(time.perf_counter() - started, 3)})
-            bar.advance(steps_task)
-        _refresh_final(plan, db, analyzers, all_steps, ckpts, bar)
-        ckpts.keep_only({all_steps[0], all_steps[-1]})
-    return pl.DataFrame(report, schema=REPORT_SCHEMA)
+        if all_steps:
+            _refresh_final(plan, db, analyzers, all_steps, ckpts, bar)
+            ckpts.keep_only(set())
+    return pl.DataFrame(report, schema=REPORT_SCHEMA).sort("step")
 
 
 def _refresh_final(plan: Plan, db: Store, analyzers: list[Analyzer], all_steps: list[int], ckpts: _Checkpoints,

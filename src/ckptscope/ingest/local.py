@@ -62,6 +62,9 @@ class Source(Protocol):
     def tokens(self, step: int, revision: str) -> int | None:
         """Tokens seen at a step when the source knows them, else None."""
 
+    def close(self) -> None:
+        """Stop background work (prefetches) and free what is held."""
+
 
 def parse_explicit_steps(spec: str | None) -> dict[int, str] | None:
     """`0=init,1000=mid` → {0: "init", 1000: "mid"}; None when the spec is a plain selection."""
@@ -155,3 +158,6 @@ class LocalSource:
 
     def tokens(self, step: int, revision: str) -> int | None:
         return None
+
+    def close(self) -> None:
+        """Nothing is held between calls."""

@@ -3,10 +3,11 @@
 The file must open offline and make no network request, so plotly.js is embedded in it
 (gzip-compressed and base64-encoded: 1.9 MB instead of 4.8 MB; the page inflates it with the
 browser's DecompressionStream). Figures are drawn in the browser by `report.js` from one JSON
-payload; per-layer values travel as base64 float32 grids, about 5 bytes a value, so a suite
-of several models x hundreds of steps x every layer stays a few MB. Everything that comes
-from the store reaches the page either through Jinja's autoescaping or inside that JSON,
-whose `<`, `>` and `&` are \\u-escaped so no model name can close the `<script>` holding it.
+payload. Per-layer grids, the bulk of a report, travel packed (see `_pack`) at under 3 bytes a
+value, so a suite of several models x hundreds of steps x every layer stays a few MB.
+Everything that comes from the store reaches the page either through Jinja's autoescaping or
+inside that JSON, whose `<`, `>` and `&` are \\u-escaped so no model name can close the
+`<script>` holding it.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import functools
 import gzip
 import json
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -57,6 +59,17 @@ class Section:
     charts: list[Chart]
 
 
+@dataclass
+class Overview:
+    """The tables at the top of the report (rows as dicts) and the queries behind them."""
+
+    sql: dict[str, str]
+    models: list[dict[str, Any]]
+    summary: list[dict[str, Any]]  # anomalies by model and kind
+    anomalies: list[dict[str, Any]]  # the first ANOMALY_ROWS anomalies
+    checkpoints: Chart
+
+
 def build_report(store: Path | str, output: Path | str, *, models: Sequence[str] | None = None,
                  metrics: Sequence[str] | None = None, components: Sequence[str] | None = None) -> Path:
     """Write an offline HTML report of `store` to `output` and return its path.
@@ -71,12 +84,13 @@ def build_report(store: Path | str, output: Path | str, *, models: Sequence[str]
         builder = _Builder(db, sel)
         overview = builder.overview()
         sections = builder.sections()
-    charts = [c for s in [overview["section"], *sections] for c in s.charts]
+    charts = [overview.checkpoints, *(c for s in sections for c in s.charts)]
+    plotly_version, plotly_gz = _plotly()
     html = _template().render(
-        store=str(Path(store)), generated=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        ckptscope_version=version("ckptscope"), plotly_version=version("plotly"), sel=sel,
-        overview=overview, sections=sections,
-        css=Markup(_asset("report.css")), js=Markup(_asset("report.js")), plotly_gz=Markup(_plotly_gz()),
+        store=str(store), generated=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        ckptscope_version=version("ckptscope"), plotly_version=plotly_version, sel=sel,
+        overview=overview, anomaly_limit=ANOMALY_ROWS, sections=sections,
+        css=Markup(_asset("report.css")), js=Markup(_asset("report.js")), plotly_gz=Markup(plotly_gz),
         payload=Markup(_script_json([{"id": c.id, **c.spec} for c in charts])),
     )
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -96,21 +110,17 @@ class _Builder:
         return Chart(f"chart{self._ids}", title, caption, sql, spec, **kw)
 
     # -- overview ----------------------------------------------------------------------------
-    def overview(self) -> dict[str, Any]:
+    def overview(self) -> Overview:
         sqls = {"models": q.models_sql(self.sel), "summary": q.anomaly_summary_sql(self.sel),
-                "anomalies": q.anomalies_sql(self.sel, ANOMALY_ROWS)}
+                "anomalies": q.anomalies_sql(self.sel, ANOMALY_ROWS), "checkpoints": q.checkpoints_sql(self.sel)}
         frames = {k: self.db.sql(v) for k, v in sqls.items()}
-        ck_sql = q.checkpoints_sql(self.sel)
-        ck = self.db.sql(ck_sql)
         series = [{"model": model, "steps": g["step"].to_list(), "tokens": g["tokens"].to_list(),
                    "duplicate_of": g["duplicate_of"].to_list(), "anomalies": g["anomalies"].to_list(),
                    "status": g["status"].to_list()}
-                  for (model,), g in ck.partition_by("model", as_dict=True, maintain_order=True).items()]
+                  for (model,), g in frames["checkpoints"].partition_by("model", as_dict=True, maintain_order=True).items()]
         chart = self._chart("Checkpoints ingested", "One mark per checkpoint in the store; duplicates and steps with "
-                            "anomalies are marked.", [ck_sql], {"type": "checkpoints", "series": series})
-        return {"sql": sqls, "models": frames["models"].to_dicts(), "summary": frames["summary"].to_dicts(),
-                "anomalies": frames["anomalies"].to_dicts(), "anomaly_limit": ANOMALY_ROWS,
-                "section": Section("overview", "Overview", "", [chart])}
+                            "anomalies are marked.", [sqls["checkpoints"]], {"type": "checkpoints", "series": series})
+        return Overview(sqls, frames["models"].to_dicts(), frames["summary"].to_dicts(), frames["anomalies"].to_dicts(), chart)
 
     # -- sections ----------------------------------------------------------------------------
     def sections(self) -> list[Section]:
@@ -119,7 +129,7 @@ class _Builder:
             out.append(self._compare_section())
         if q.has_metric(self.db, self.sel, q.CKA_METRIC):
             out.append(self._convergence_section())
-        if q.has_table(self.db, "memorization"):
+        if q.has_rows(self.db, "memorization_summary", self.sel):
             out.append(self._memorization_section())
         out.append(self._spectra_section())
         return out
@@ -140,7 +150,7 @@ class _Builder:
         layers = sorted(df["layer"].unique().to_list())
         grid = _dense(df, {"component": comps, "layer": layers, "step": steps["step"].to_list()})
         spec = {"type": "layers", "model": model, "metric": metric, "steps": steps["step"].to_list(),
-                "tokens": steps["tokens"].to_list(), "layers": layers, "components": comps, "values": _b64(grid)}
+                "tokens": steps["tokens"].to_list(), "layers": layers, "components": comps, "values": _pack(grid)}
         return self._chart(metric, f"{metric} of {model}: heatmap (layer × step) and one line per layer.",
                            [sql], spec, plots=2, components=comps)
 
@@ -160,7 +170,7 @@ class _Builder:
                 grid = _dense(g, {"component": comps, "depth_bin": list(range(q.DEPTH_BINS)), "step": steps["step"].to_list()})
                 series.append({"model": model, "steps": steps["step"].to_list(), "tokens": steps["tokens"].to_list(),
                                "progress": _floats(steps["progress"]), "layers": [span.get(b) for b in range(q.DEPTH_BINS)],
-                               "values": _b64(grid)})
+                               "values": _pack(grid)})
             spec = {"type": "compare", "metric": metric, "components": comps, "bins": q.DEPTH_BINS, "series": series}
             charts.append(self._chart(metric, f"{metric}: one panel per quarter of relative depth, one line per model.",
                                       [sql], spec, components=comps))
@@ -171,16 +181,18 @@ class _Builder:
 
     def _convergence_section(self) -> Section:
         charts = [c for model in self.sel.models if (c := self._layer_chart(model, q.CKA_METRIC, None))]
-        sql = q.stabilization_sql(self.sel.models)
-        df = self.db.sql(sql)
-        if df.height:
+        if q.has_rows(self.db, "stabilization", self.sel):
+            sql = q.stabilization_sql(self.sel.models)
+            df = self.db.sql(sql)
             series = [{"model": model, "component": comp, "layers": g["layer"].to_list(), "depth": _floats(g["relative_depth"]),
-                       "steps": g["stable_step"].to_list(), "tokens": g["tokens"].to_list(), "fraction": _floats(g["fraction"])}
+                       "steps": g["stabilization_step"].to_list(), "tokens": g["tokens"].to_list(),
+                       "fraction": _floats(g["stabilization_fraction"])}
                       for (model, comp), g in df.partition_by("model", "component", as_dict=True, maintain_order=True).items()]
             charts.append(self._chart(
                 "Stabilization step per layer",
-                f"The first step after which CKA to the final checkpoint stays ≥ {q.CKA_STABLE}, as a fraction of "
-                "training (step / last step), against relative depth.", [sql], {"type": "stabilization", "series": series}))
+                f"The first step after which CKA to the final checkpoint stays ≥ {q.CKA_STABLE} (the store's `stabilization` "
+                "view), as a fraction of training (step / last step), against relative depth.", [sql],
+                {"type": "stabilization", "series": series}))
         intro = f"CKA between each layer and the same layer of the final checkpoint (metric `{q.CKA_METRIC}`)."
         return Section("convergence", "Convergence", intro, charts)
 
@@ -196,7 +208,8 @@ class _Builder:
                                       "mean memorization score, per checkpoint.", [sql], {"type": "memorization", "series": series}))
         if q.has_metric(self.db, self.sel, q.LOGIT_LENS_METRIC):
             charts += [c for model in self.sel.models if (c := self._layer_chart(model, q.LOGIT_LENS_METRIC, None))]
-        intro = "From the `memorization` table, and the logit-lens view per layer (metric `memorization_logit_lens`)."
+        intro = ("From the `memorization_summary` view of the `memorization` table, and the logit-lens view per layer "
+                 "(metric `memorization_logit_lens`).")
         return Section("memorization", "Memorization", intro, charts)
 
     def _spectra_section(self) -> Section:
@@ -257,8 +270,17 @@ def _dense(df: pl.DataFrame, axes: dict[str, list]) -> np.ndarray:
     return grid
 
 
-def _b64(grid: np.ndarray) -> str:
-    return base64.b64encode(grid.astype("<f4").tobytes()).decode("ascii")
+def _pack(grid: np.ndarray) -> str:
+    """float32 values rounded to 16 significant bits (about 5 digits), as gzip + base64.
+
+    Each value's lowest mantissa byte is dropped and the three kept bytes are stored as planes
+    (byte 1 of every value, then byte 2, then byte 3), which lets gzip halve the size of a grid;
+    report.js restores little-endian float32 with a zero low byte. NaN (a missing value) survives.
+    """
+    bits = grid.astype("<f4").view("<u4").astype(np.uint64)
+    rounded = ((bits + 0x80) & 0xFFFFFF00).astype("<u4")
+    planes = np.ascontiguousarray(rounded.view(np.uint8).reshape(-1, 4)[:, 1:].T)
+    return base64.b64encode(gzip.compress(planes.tobytes(), compresslevel=6, mtime=0)).decode("ascii")
 
 
 def _floats(series: pl.Series) -> list[float | None]:
@@ -283,10 +305,11 @@ def _asset(name: str) -> str:
 
 
 @functools.cache
-def _plotly_gz() -> str:
-    """plotly.min.js from the installed plotly package, gzip-compressed and base64-encoded."""
+def _plotly() -> tuple[str, str]:
+    """The version of plotly.min.js in the installed plotly package, and the file gzip-compressed, base64-encoded."""
     js = files("plotly").joinpath("package_data", "plotly.min.js").read_bytes()
-    return base64.b64encode(gzip.compress(js, compresslevel=9, mtime=0)).decode("ascii")
+    found = re.search(rb"plotly\.js v([\w.-]+)", js[:500])
+    return (found[1].decode() if found else "?"), base64.b64encode(gzip.compress(js, compresslevel=9, mtime=0)).decode("ascii")
 
 
 @functools.cache

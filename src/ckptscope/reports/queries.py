@@ -18,7 +18,7 @@ from ckptscope.store.db import Store
 DEFAULT_METRICS = ("stable_rank", "effective_rank", "alpha", "delta_init_relative", "final_relative_distance", "spectral_norm")
 CKA_METRIC = "cka_final"
 LOGIT_LENS_METRIC = "memorization_logit_lens"
-CKA_STABLE = 0.9
+CKA_STABLE = 0.9  # the threshold of the store's `stabilization` view
 DEPTH_BINS = 4
 BINS_PER_DECADE = 5
 # Components in the order a reader scans a transformer block; figures show the first one present first.
@@ -92,8 +92,10 @@ def has_metric(db: Store, sel: Selection, metric: str) -> bool:
                   f"AND {in_list('model', sel.models)}")["n"][0] > 0
 
 
-def has_table(db: Store, table: str) -> bool:
-    return db.sql(f"SELECT count(*) AS n FROM information_schema.tables WHERE table_name = {literal(table)}")["n"][0] > 0
+def has_rows(db: Store, relation: str, sel: Selection) -> bool:
+    """Whether `relation` exists (stores made by older versions may lack it) and covers a selected model."""
+    exists = db.sql(f"SELECT count(*) AS n FROM information_schema.tables WHERE table_name = {literal(relation)}")["n"][0]
+    return bool(exists) and db.sql(f"SELECT count(*) AS n FROM {relation} WHERE {in_list('model', sel.models)}")["n"][0] > 0
 
 
 def _component_filter(components: Sequence[str] | None) -> str:
@@ -108,7 +110,7 @@ def models_sql(sel: Selection) -> str:
        min(c.step) FILTER (WHERE c.status = 'ok') AS first_step,
        max(c.step) FILTER (WHERE c.status = 'ok') AS last_step,
        max(c.tokens) FILTER (WHERE c.status = 'ok') AS last_tokens,
-       count(c.step) FILTER (WHERE c.status <> 'ok') AS not_ok,
+       count(c.step) FILTER (WHERE c.status <> 'ok') AS missing,
        (SELECT string_agg(DISTINCT r.analyzer || ' ' || r.version, ', ' ORDER BY r.analyzer || ' ' || r.version)
         FROM runs r WHERE r.model = m.model) AS analyzers
 FROM models m LEFT JOIN checkpoints c USING (model)
@@ -118,15 +120,10 @@ ORDER BY m.model"""
 
 
 def anomaly_summary_sql(sel: Selection) -> str:
-    """Anomalies by kind, plus checkpoints whose status is not `ok` (missing revisions)."""
+    """Anomalies by kind: duplicate checkpoints, NaN/Inf tensors, missing revisions."""
     return f"""SELECT model, kind, count(*) AS count, count(DISTINCT step) AS steps,
        min(step) AS first_step, any_value(detail) AS example
-FROM (
-  SELECT model, step, kind, detail FROM anomalies
-  UNION ALL
-  SELECT model, step, 'checkpoint_' || status AS kind, 'revision ' || coalesce(revision, '?') || ' is ' || status AS detail
-  FROM checkpoints WHERE status <> 'ok'
-)
+FROM anomalies
 WHERE {in_list('model', sel.models)}
 GROUP BY model, kind
 ORDER BY model, kind"""
@@ -182,32 +179,22 @@ ORDER BY model, component, depth_bin, step"""
 # -- convergence and memorization -----------------------------------------------------------
 
 def stabilization_sql(models: Sequence[str]) -> str:
-    """Per layer, the first step after which CKA to the final checkpoint stays >= CKA_STABLE."""
-    return f"""WITH cka AS (
-  SELECT model, component, layer, step, any_value(tokens) AS tokens, any_value(progress) AS progress,
-         any_value(relative_depth) AS relative_depth, avg(value) AS cka
-  FROM layer_metrics
-  WHERE metric = {literal(CKA_METRIC)} AND layer IS NOT NULL AND {in_list('model', models)}
-  GROUP BY model, component, layer, step
-), unstable AS (
-  SELECT model, component, layer, max(step) AS last_below
-  FROM cka WHERE cka < {CKA_STABLE} GROUP BY model, component, layer
-)
-SELECT model, component, layer, any_value(relative_depth) AS relative_depth,
-       min(step) AS stable_step, arg_min(tokens, step) AS tokens, min(progress) AS fraction
-FROM cka LEFT JOIN unstable USING (model, component, layer)
-WHERE last_below IS NULL OR step > last_below
-GROUP BY model, component, layer
-ORDER BY model, component, layer"""
+    """The store's `stabilization` view (first step after which CKA stays >= 0.9), placed at relative depth."""
+    return f"""SELECT s.model, s.component, s.layer, s.layer::DOUBLE / NULLIF(m.num_layers, 0) AS relative_depth,
+       s.stabilization_step, c.tokens, s.stabilization_fraction
+FROM stabilization s
+JOIN models m USING (model)
+LEFT JOIN checkpoints c ON c.model = s.model AND c.step = s.stabilization_step
+WHERE s.layer IS NOT NULL AND {in_list('s.model', models)}
+ORDER BY s.model, s.component, s.layer"""
 
 
 def memorization_sql(models: Sequence[str]) -> str:
-    return f"""SELECT mem.model, mem.step, any_value(c.tokens) AS tokens,
-       avg(mem.memorized::DOUBLE) AS memorized_rate, avg(mem.score) AS mean_score, count(*) AS sequences
-FROM memorization mem LEFT JOIN checkpoints c ON c.model = mem.model AND c.step = mem.step
-WHERE {in_list('mem.model', models)}
-GROUP BY mem.model, mem.step
-ORDER BY mem.model, mem.step"""
+    return f"""SELECT s.model, s.step, c.tokens, s.memorized_rate, s.mean_score, s.sequences
+FROM memorization_summary s
+LEFT JOIN checkpoints c ON c.model = s.model AND c.step = s.step
+WHERE {in_list('s.model', models)}
+ORDER BY s.model, s.step"""
 
 
 # -- spectra --------------------------------------------------------------------------------

@@ -13,6 +13,7 @@
   const int = (n) => (n === null || n === undefined ? "n/a" : Number(n).toLocaleString("en-US"));
   const color = (i) => PALETTE[i % PALETTE.length];
   const depthColor = (t) => VIRIDIS[Math.round(Math.min(1, Math.max(0, t)) * (VIRIDIS.length - 1))];
+  const lineMode = (points) => (points > 40 ? "lines" : "lines+markers");  // markers only help on short series
 
   function bytes(b64) {
     const bin = atob(b64);
@@ -21,15 +22,29 @@
     return out;
   }
 
-  // base64 float32 grid -> Float32Array; NaN marks a missing value.
-  const floats = (b64) => new Float32Array(bytes(b64).buffer);
+  async function inflate(b64) {
+    const stream = new Blob([bytes(b64)]).stream().pipeThrough(new DecompressionStream("gzip"));
+    return new Uint8Array(await new Response(stream).arrayBuffer());
+  }
+
+  // A grid packed by html.py's _pack: byte planes 1, 2, 3 of little-endian float32; byte 0 is zero. NaN = missing.
+  async function floats(b64) {
+    const planes = await inflate(b64);
+    const n = planes.length / 3;
+    const out = new Uint8Array(4 * n);
+    for (let i = 0; i < n; i++) {
+      out[4 * i + 1] = planes[i];
+      out[4 * i + 2] = planes[n + i];
+      out[4 * i + 3] = planes[2 * n + i];
+    }
+    return new Float32Array(out.buffer);
+  }
+
   const gaps = (values) => Array.from(values, (v) => (Number.isNaN(v) ? null : v));
 
   async function loadPlotly() {
-    const packed = bytes(document.getElementById("plotly-js-gz").textContent.trim());
-    const stream = new Blob([packed]).stream().pipeThrough(new DecompressionStream("gzip"));
     const script = document.createElement("script");
-    script.textContent = await new Response(stream).text();
+    script.textContent = new TextDecoder().decode(await inflate(document.getElementById("plotly-js-gz").textContent.trim()));
     document.head.appendChild(script);
   }
 
@@ -60,9 +75,9 @@
   }
 
   // Per model and metric: a layer x step heatmap and one line per layer, for one component.
-  function drawLayers(chart) {
+  async function drawLayers(chart) {
     const S = chart.steps.length, L = chart.layers.length;
-    const values = floats(chart.values);
+    const values = await floats(chart.values);
     const x = chart.steps.map(logStep);
     const custom = chart.steps.map((s, i) => [int(s), int(chart.tokens[i])]);
     const axis = stepAxis(chart.steps);
@@ -77,7 +92,7 @@
         hovertemplate: `${hover("%{y}")}%{z:.4g}<extra></extra>`,
       };
       const lines = chart.layers.map((layer, l) => ({
-        type: "scatter", mode: "lines+markers", x, y: rows[l], customdata: custom, name: `layer ${layer}`,
+        type: "scatter", mode: lineMode(S), x, y: rows[l], customdata: custom, name: `layer ${layer}`,
         line: {color: depthColor(L > 1 ? l / (L - 1) : 0), width: 1.5}, marker: {size: 4},
         hovertemplate: `${hover(layer)}%{y:.4g}<extra></extra>`,
       }));
@@ -89,9 +104,9 @@
   }
 
   // Across models: one panel per relative-depth bin, x = training progress, one line per model.
-  function drawCompare(chart) {
+  async function drawCompare(chart) {
     const B = chart.bins;
-    const models = chart.series.map((m) => ({...m, grid: floats(m.values)}));
+    const models = await Promise.all(chart.series.map(async (m) => ({...m, grid: await floats(m.values)})));
     const pct = (b) => `${Math.round((100 * b) / B)}–${Math.round((100 * (b + 1)) / B)}%`;
     const axes = {};
     const annotations = [];
@@ -113,7 +128,7 @@
           if (!m.layers[b] || y.every((v) => v === null)) continue;
           const [lo, hi] = m.layers[b];
           traces.push({
-            type: "scatter", mode: "lines+markers", x: m.progress, y, customdata: custom,
+            type: "scatter", mode: lineMode(S), x: m.progress, y, customdata: custom,
             xaxis: b ? `x${b + 1}` : "x", yaxis: "y", name: esc(m.model), legendgroup: `m${mi}`, showlegend: !shown.has(mi),
             line: {color: color(mi), width: 1.5}, marker: {size: 4},
             hovertemplate: `model: ${esc(m.model)}<br>step: %{customdata[0]} (progress %{x:.3f})<br>tokens: %{customdata[1]}` +
