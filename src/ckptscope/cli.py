@@ -85,15 +85,24 @@ def main() -> None:
 @click.option("--tokens-per-step", type=int, help="Tokens seen per optimizer step, to fill `tokens`.")
 @click.option("--rtol", type=float, default=1e-3, show_default=True, help="Relative tolerance of numerical_rank.")
 @click.option("--device", default="cpu", show_default=True, help="Torch device for the spectral work.")
+@click.option("--revision-pattern", help="Hub: regex with a (?P<step>...) group mapping revision names to steps.")
+@click.option("--keep", is_flag=True, help="Hub: keep downloaded checkpoints in the HF cache instead of evicting them.")
+@click.option("--cache-dir", type=click.Path(path_type=Path), help="Hub: download cache [default: the HF cache].")
 @_friendly
-def ingest(source, store, name, steps, max_steps, analyzers, force, tokens_per_step, rtol, device):
-    """Analyze the checkpoints in SOURCE (a local run directory) into the store."""
+def ingest(source, store, name, steps, max_steps, analyzers, force, tokens_per_step, rtol, device, revision_pattern, keep,
+           cache_dir):
+    """Analyze the checkpoints in SOURCE into the store.
+
+    SOURCE is a local run directory, a catalog suite (pythia-160m) or a hub repo (EleutherAI/pythia-160m).
+    """
     report = run_ingest(source, store=store or default_store_path(), name=name, steps=steps, max_steps=max_steps,
                         analyzers=analyzers, force=force, tokens_per_step=tokens_per_step, rtol=rtol,
-                        device=device, progress=True)
+                        device=device, revision_pattern=revision_pattern, keep=keep, cache_dir=cache_dir, progress=True)
     if report.height:
         dup = report.filter(pl.col("duplicate_of").is_not_null())
+        missing = report.filter(pl.col("status") == "missing")
         extra = f"; {dup.height} duplicate checkpoint(s) flagged" if dup.height else ""
+        extra += f"; {missing.height} revision(s) without weights recorded as missing" if missing.height else ""
         out.print(f"ingested {report.height} checkpoint(s) in {report['seconds'].sum():.1f}s{extra}")
     else:
         out.print("nothing to do: every selected step is already in the store (use --force to recompute)")
@@ -124,6 +133,23 @@ def sql(query, store, fmt, output):
             output.write_text(text)
         else:
             click.echo(text, nl=fmt == "json")
+
+
+@main.command()
+@click.argument("name", required=False)
+@_friendly
+def suites(name):
+    """List the suite catalog, or show one family's members and step grids (e.g. `suites pythia`)."""
+    from ckptscope.ingest.catalog import describe, list_suites
+
+    entries = describe(name) if name else list_suites()
+    table = pl.DataFrame({
+        "suite": [s.name for s in entries], "family": [s.family for s in entries],
+        "repo": [s.repo or s.repo_glob for s in entries],
+        "tokens/step": [str(s.tokens_per_step or "") for s in entries],
+        **({"steps": [s.grid_text() for s in entries]} if name else {}),
+    })
+    _show(table, f"{len(entries)} catalog entr{'y' if len(entries) == 1 else 'ies'}; any other org/name is discovered at run time")
 
 
 @main.command(name="ls")

@@ -88,7 +88,7 @@ def _validate(ckpts: list[Checkpoint]) -> dict[str, tuple[int, ...]]:
 
 
 def open_source(source: str | Path, *, steps: str | None = None, revision_pattern: str | None = None,
-                keep: bool = False) -> Source:
+                keep: bool = False, cache_dir: Path | str | None = None) -> Source:
     """A local run directory, or a suite or repo on the hub (`pythia-160m`, `allenai/OLMo-1B-hf`).
 
     SOURCE is local when it exists, is a Path, starts with `/`, `.` or `~`, has more than one
@@ -101,7 +101,7 @@ def open_source(source: str | Path, *, steps: str | None = None, revision_patter
         return LocalSource(text, explicit)
     from ckptscope.ingest.hub import HubSource  # loads huggingface_hub only for hub sources
 
-    return HubSource(text, revision_pattern=revision_pattern, keep=keep)
+    return HubSource(text, revision_pattern=revision_pattern, keep=keep, cache_dir=Path(cache_dir) if cache_dir else None)
 
 
 def plan_ingest(src: Source, *, name: str | None, steps: str | None, max_steps: int | None,
@@ -157,7 +157,7 @@ def ingest(source: str | Path, *, store: Store | str | Path | None = None, name:
            steps: str | None = None, max_steps: int | None = None, analyzers: str | list[str] | None = "weights",
            force: bool = False, tokens_per_step: int | None = None, device: str = "cpu",
            rtol: float = 1e-3, revision_pattern: str | None = None, keep: bool = False,
-           progress: bool = False) -> pl.DataFrame:
+           cache_dir: Path | str | None = None, progress: bool = False) -> pl.DataFrame:
     """Analyze the checkpoints of a local run or a hub suite into the store; one row per step written.
 
     `steps` is a selection SPEC (see `ckptscope.ingest.steps`) or explicit `STEP=PATH` pairs.
@@ -167,7 +167,7 @@ def ingest(source: str | Path, *, store: Store | str | Path | None = None, name:
     chosen = build_analyzers(analyzers, rtol=rtol)
     if tokens_per_step is not None and tokens_per_step <= 0:
         raise SourceError("--tokens-per-step must be a positive number of tokens")
-    src = open_source(source, steps=steps, revision_pattern=revision_pattern, keep=keep)
+    src = open_source(source, steps=steps, revision_pattern=revision_pattern, keep=keep, cache_dir=cache_dir)
     try:
         plan = plan_ingest(src, name=name, steps=steps, max_steps=max_steps, analyzers=chosen)
         return _run(plan, store, chosen, force=force, tokens_per_step=tokens_per_step, device=device, progress=progress)
