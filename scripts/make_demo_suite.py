@@ -23,7 +23,7 @@ How
 3. Cut 32 evenly spaced 64-token windows out of the token stream as held-out
    probes (``probe.jsonl``); train windows never overlap them.  Draw 8 random
    64-token canaries (``canaries.jsonl``).
-4. Train ``GPTNeoXForCausalLM`` (hidden 64, 4 layers, 4 heads, MLP 256,
+4. Train ``GPTNeoXForCausalLM`` (hidden 32, 4 layers, 4 heads, MLP 128,
    rotary_pct 0.25, parallel residual, untied head) in float32 with AdamW,
    linear warmup + cosine decay, batches of 31 random text windows + 1 canary
    (cycling through the 8), for 2000 steps.  Step 0 is the initialization.
@@ -68,14 +68,13 @@ BATCH_SIZE = 32  # 31 text windows + 1 canary per step
 TRAIN_STEPS = 2000
 STEPS = [0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, *range(750, TRAIN_STEPS + 1, 250)]
 PEAK_LR = 2e-3
-WARMUP_STEPS = 100
+WARMUP_STEPS = 20
 MIN_LR_RATIO = 0.1
 NUM_CANARIES = 8
 CANARY_PREFIX = 32
 NUM_PROBES = 32
 NUM_TRAIN_EVAL = 64
 SEED = 1234
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
 
 def read_text() -> tuple[str, str]:
@@ -132,10 +131,10 @@ def split_windows(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def make_config(eos_id: int) -> GPTNeoXConfig:
     return GPTNeoXConfig(
         vocab_size=VOCAB_SIZE,
-        hidden_size=64,
+        hidden_size=32,
         num_hidden_layers=4,
         num_attention_heads=4,
-        intermediate_size=256,
+        intermediate_size=128,
         max_position_embeddings=SEQ_LEN * 2,
         rotary_pct=0.25,
         use_parallel_residual=True,
@@ -154,15 +153,21 @@ def pythia_name(name: str) -> str:
 def save_checkpoint(model: GPTNeoXForCausalLM, directory: Path) -> None:
     directory.mkdir(parents=True)
     state = {pythia_name(k): v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    weights = directory / "model.safetensors"
+    save_file(state, str(weights), metadata={"format": "pt"})
+    weights.chmod(0o644)  # safetensors creates it owner-only; it ships as package data
     model.config.to_json_file(str(directory / "config.json"))
 
 
 def lr_at(step: int) -> float:
-    """Learning-rate multiplier for optimizer update number ``step`` (1-based)."""
-    if step <= WARMUP_STEPS:
-        return step / WARMUP_STEPS
-    progress = (step - WARMUP_STEPS) / (TRAIN_STEPS - WARMUP_STEPS)
+    """Learning-rate multiplier for the update that follows ``step`` updates.
+
+    LambdaLR asks for step 0 before the first update, so warmup starts at 1/WARMUP_STEPS:
+    starting at 0 would make step 1 a byte-identical copy of the initialization.
+    """
+    if step < WARMUP_STEPS:
+        return (step + 1) / WARMUP_STEPS
+    progress = (step - WARMUP_STEPS + 1) / (TRAIN_STEPS - WARMUP_STEPS)
     return MIN_LR_RATIO + (1 - MIN_LR_RATIO) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
@@ -262,7 +267,7 @@ def main() -> None:
     save_tokenizer(tok, final)
     hf_tok = AutoTokenizer.from_pretrained(final)
     sample = text[:20000]
-    if hf_tok(sample)["input_ids"] != tok.encode(sample).ids or hf_tok.eos_token_id != eos_id:
+    if hf_tok(sample, verbose=False)["input_ids"] != tok.encode(sample).ids or hf_tok.eos_token_id != eos_id:
         raise RuntimeError("AutoTokenizer does not reproduce the trained tokenizer")
 
     results = {step: evaluate(out / f"step{step}", train_eval, probes, canaries) for step in STEPS}

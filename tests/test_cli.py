@@ -217,3 +217,18 @@ def test_kill_during_ingest_then_resume(tmp_path):
         assert a.sql("SELECT count(*) FROM runs").item() == len(steps)
         assert a.sql(q).equals(b.sql(q))
         assert a.sql("SELECT count(*) FROM spectra").item() == b.sql("SELECT count(*) FROM spectra").item()
+
+
+def test_demo_ingests_embedded_suite_and_answers_queries(tmp_path):
+    store = tmp_path / "demo.duckdb"
+    res = invoke("demo", "--store", store)
+    assert res.exit_code == 0, res.output
+    assert "Gradual rank increase" in res.output and "error" not in res.output
+    suite = json.loads((Path(ckptscope.__file__).parent / "demo_suite" / "suite.json").read_text())
+    with ckptscope.Store(store, read_only=True) as db:
+        ck = db.sql("SELECT step, tokens FROM checkpoints WHERE status = 'ok' ORDER BY step")
+        assert ck["step"].to_list() == suite["steps"]
+        assert ck["tokens"].to_list() == [s * suite["tokens_per_step"] for s in suite["steps"]]
+        assert db.anomalies().height == 0
+        assert db.sql("SELECT count(DISTINCT layer) FROM metrics WHERE component = 'attn.q'").item() == 4
+    assert invoke("demo", "--store", store).exit_code == 0  # a rerun resumes: nothing recomputed, same answers

@@ -34,8 +34,9 @@ DEMO_QUERIES = [
      "SELECT step, value AS delta_init_numerical_rank FROM metrics WHERE model = 'demo-neox' AND layer = 0 AND component = 'mlp.in' "
      "AND metric = 'delta_init_numerical_rank' ORDER BY step"),
     ("Heavy-tail exponent alpha per layer and component at the final step",
-     "PIVOT (SELECT layer, component, round(value, 2) AS alpha FROM metrics WHERE model = 'demo-neox' AND metric = 'alpha' "
-     "AND layer IS NOT NULL AND step = (SELECT max(step) FROM checkpoints)) ON component USING first(alpha) ORDER BY layer"),
+     "SELECT layer, " + ", ".join(f"round(max(value) FILTER (component = '{c}'), 2) AS \"{c}\"" for c in ("attn.qkv", "attn.o", "mlp.in", "mlp.out"))
+     + " FROM metrics WHERE model = 'demo-neox' AND metric = 'alpha' AND layer IS NOT NULL "
+     "AND step = (SELECT max(step) FROM checkpoints) GROUP BY layer ORDER BY layer"),
 ]
 
 
