@@ -18,6 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ckptscope.errors import CkptscopeError, StoreError
+from ckptscope.pipeline import analyze as run_analyze
 from ckptscope.pipeline import ingest as run_ingest
 from ckptscope.store.db import Store, default_store_path
 
@@ -89,16 +90,24 @@ def main() -> None:
 @click.option("--revision-pattern", help="Hub: regex with a (?P<step>...) group mapping revision names to steps.")
 @click.option("--keep", is_flag=True, help="Hub: keep downloaded checkpoints in the HF cache instead of evicting them.")
 @click.option("--cache-dir", type=click.Path(path_type=Path), help="Hub: download cache [default: the HF cache].")
+@click.option("--probe", type=click.Path(path_type=Path), help="convergence: sequences (JSONL, Parquet or .npy) to compare activations on.")
+@click.option("--corpus", type=click.Path(path_type=Path), help="memorization: sequences (JSONL, Parquet or .npy) to test.")
+@click.option("--batch-size", type=int, default=16, show_default=True, help="Sequences per forward pass (activation analyzers).")
 @_friendly
 def ingest(source, store, name, steps, max_steps, analyzers, force, tokens_per_step, rtol, device, revision_pattern, keep,
-           cache_dir):
+           cache_dir, probe, corpus, batch_size):
     """Analyze the checkpoints in SOURCE into the store.
 
     SOURCE is a local run directory, a catalog suite (pythia-160m) or a hub repo (EleutherAI/pythia-160m).
     """
     report = run_ingest(source, store=store or default_store_path(), name=name, steps=steps, max_steps=max_steps,
                         analyzers=analyzers, force=force, tokens_per_step=tokens_per_step, rtol=rtol,
-                        device=device, revision_pattern=revision_pattern, keep=keep, cache_dir=cache_dir, progress=True)
+                        device=device, revision_pattern=revision_pattern, keep=keep, cache_dir=cache_dir, probe=probe,
+                        corpus=corpus, batch_size=batch_size, progress=True)
+    _summarize(report)
+
+
+def _summarize(report: pl.DataFrame) -> None:
     if report.height:
         dup = report.filter(pl.col("duplicate_of").is_not_null())
         missing = report.filter(pl.col("status") == "missing")
@@ -134,6 +143,47 @@ def sql(query, store, fmt, output):
             output.write_text(text)
         else:
             click.echo(text, nl=fmt == "json")
+
+
+@main.group(name="analyze")
+def analyze_group() -> None:
+    """Run activation analyzers on a model already in the store."""
+
+
+def _analyze_options(f):
+    for option in reversed([
+        click.argument("model"),
+        _store_option,
+        click.option("--steps", help="Steps to analyze [default: the steps already ingested for MODEL]."),
+        click.option("--device", default="cpu", show_default=True, help="Torch device for the forward passes."),
+        click.option("--batch-size", type=int, default=16, show_default=True, help="Sequences per forward pass."),
+        click.option("--force", is_flag=True, help="Recompute steps already analyzed."),
+    ]):
+        f = option(f)
+    return f
+
+
+@analyze_group.command()
+@_analyze_options
+@click.option("--probe", type=click.Path(path_type=Path), required=True, help="Sequences (JSONL, Parquet or .npy).")
+@click.option("--reference-step", default="final", show_default=True, help="Step to compare with: final, first or a number.")
+@_friendly
+def convergence(model, store, steps, device, batch_size, force, probe, reference_step):
+    """Linear CKA of every layer's activations to the reference step (default: final)."""
+    _summarize(run_analyze(model, "convergence", store=store, steps=steps, device=device, batch_size=batch_size, force=force,
+                           probe=probe, reference_step=reference_step, progress=True))
+
+
+@analyze_group.command()
+@_analyze_options
+@click.option("--corpus", type=click.Path(path_type=Path), required=True, help="Sequences (JSONL, Parquet or .npy).")
+@click.option("--prompt-len", type=int, default=32, show_default=True)
+@click.option("--continuation-len", type=int, default=32, show_default=True)
+@_friendly
+def memorization(model, store, steps, device, batch_size, force, corpus, prompt_len, continuation_len):
+    """The Pythia memorization score of every corpus sequence at every step."""
+    _summarize(run_analyze(model, "memorization", store=store, steps=steps, device=device, batch_size=batch_size, force=force,
+                           corpus=corpus, prompt_len=prompt_len, continuation_len=continuation_len, progress=True))
 
 
 @main.command()

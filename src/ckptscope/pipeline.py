@@ -114,7 +114,7 @@ def plan_ingest(src: Source, *, name: str | None, steps: str | None, max_steps: 
     available = {ref.step: ref for ref in src.refs()}
     explicit = getattr(src, "explicit", None)
     selected = select_steps(None if explicit else steps, list(available), max_steps=max_steps)
-    if any(isinstance(a, WeightAnalyzer) for a in analyzers):
+    if any(getattr(a, "uses_references", True) for a in analyzers):
         # Deltas and convergence are taken against the first and last checkpoints.
         selected = sorted({*selected, min(available), max(available)})
     plan = Plan(name or src.default_name, src, available, list(selected), None, "unknown", {})
@@ -157,14 +157,18 @@ def ingest(source: str | Path, *, store: Store | str | Path | None = None, name:
            steps: str | None = None, max_steps: int | None = None, analyzers: str | list[str] | None = "weights",
            force: bool = False, tokens_per_step: int | None = None, device: str = "cpu",
            rtol: float = 1e-3, revision_pattern: str | None = None, keep: bool = False,
-           cache_dir: Path | str | None = None, progress: bool = False) -> pl.DataFrame:
+           cache_dir: Path | str | None = None, probe: Path | str | None = None, corpus: Path | str | None = None,
+           reference_step: str | int = "final", batch_size: int = 16, prompt_len: int = 32, continuation_len: int = 32,
+           progress: bool = False) -> pl.DataFrame:
     """Analyze the checkpoints of a local run or a hub suite into the store; one row per step written.
 
     `steps` is a selection SPEC (see `ckptscope.ingest.steps`) or explicit `STEP=PATH` pairs.
     Steps already analyzed are skipped unless `force`. Raises `CkptscopeError` on bad input,
-    before anything is written. Hub downloads are evicted after use unless `keep`.
+    before anything is written. Hub downloads are evicted after use unless `keep`. `probe`
+    feeds the `convergence` analyzer, `corpus` the `memorization` analyzer.
     """
-    chosen = build_analyzers(analyzers, rtol=rtol)
+    chosen = build_analyzers(analyzers, rtol=rtol, probe=probe, corpus=corpus, reference_step=reference_step,
+                             batch_size=batch_size, prompt_len=prompt_len, continuation_len=continuation_len)
     if tokens_per_step is not None and tokens_per_step <= 0:
         raise SourceError("--tokens-per-step must be a positive number of tokens")
     src = open_source(source, steps=steps, revision_pattern=revision_pattern, keep=keep, cache_dir=cache_dir)
@@ -189,6 +193,26 @@ def _run(plan: Plan, store: Store | str | Path | None, chosen: list[Analyzer], *
     with Store(path) as db:
         reconcile(plan, db, chosen, force=force)
         return _execute(plan, db, chosen, tokens_per_step=tokens_per_step, device=device, progress=progress)
+
+
+def analyze(model: str, analyzers: str, *, store: str | Path | None = None, steps: str | None = None,
+            **options) -> pl.DataFrame:
+    """Run analyzers on a model already in the store, re-opening the source it was ingested from.
+
+    Without `steps`, the steps already ingested for the model are analyzed. Options are those of
+    `ingest()` (`probe`, `corpus`, `device`, `batch_size`, `force`, ...).
+    """
+    path = Path(store) if store is not None else default_store_path()
+    with Store(path, read_only=True) as db:
+        row = db.model(model)
+        if row is None:
+            known = db.sql("SELECT model FROM models ORDER BY model")["model"].to_list()
+            raise SourceError(f"model {model!r} is not in {path} (models: {', '.join(known) or 'none'}); ingest it first")
+        done = db.sql("SELECT step FROM checkpoints WHERE model = ? AND status = 'ok' ORDER BY step", [model])["step"].to_list()
+    source = row["source"].removeprefix("hub:")
+    if "*" in source:  # one repo per step: re-open through the catalog name
+        source = model
+    return ingest(source, store=path, name=model, steps=steps or ",".join(map(str, done)), analyzers=analyzers, **options)
 
 
 class _Checkpoints:

@@ -26,7 +26,8 @@ CAUSAL, MASKED = "causal", "masked"
 COMPONENTS = ("resid", "attn_out", "mlp_out")
 
 # Module-name suffixes of each component. `resid` is the whole block's output (the residual
-# stream after block ℓ); attn_out/mlp_out are the sub-layers' outputs before they are added to
+# stream after block ℓ, HF `hidden_states[ℓ+1]` except at the last block, where HF returns it
+# after the final norm); attn_out/mlp_out are the sub-layers' outputs before they are added to
 # it. GPT-NeoX/Llama/OLMo name blocks `layers.N`, GPT-2 `h.N`, BERT `layer.N` (where the
 # sub-layer output is the dense projection before the residual LayerNorm).
 _SITE_PATTERNS: dict[str, re.Pattern] = {
@@ -201,7 +202,7 @@ def padded_batches(tokens: list[np.ndarray], batch_size: int) -> list[tuple[torc
         ids = torch.zeros(len(chunk), width, dtype=torch.long)
         mask = torch.zeros(len(chunk), width, dtype=torch.long)
         for row, t in enumerate(chunk):
-            ids[row, : len(t)] = torch.from_numpy(t)
+            ids[row, : len(t)] = torch.from_numpy(np.asarray(t, dtype=np.int64))
             mask[row, : len(t)] = 1
         batches.append((ids, mask))
     return batches

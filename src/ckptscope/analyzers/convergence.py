@@ -56,6 +56,7 @@ class ConvergenceAnalyzer:
     """Per-layer linear CKA of activations on a probe set against a reference step."""
 
     name = "convergence"
+    uses_references = True  # CKA is taken against the final (or first) checkpoint
     version = "1.0.0"
 
     def __init__(self, probe: Path | str, *, reference_step: str | int = "final", batch_size: int = 16,
@@ -68,14 +69,15 @@ class ConvergenceAnalyzer:
         self.cache_mb, self.stats_mb = cache_mb, stats_mb
         self._seqs: Sequences | None = None
         self._batches: list[Batch] = []
+        self._positions = 0
         self._reference_state: _Reference | None = None
 
     @classmethod
     def from_options(cls, probe: Path | str | None = None, reference_step: str | int = "final", batch_size: int = 16,
-                     **_: Any) -> ConvergenceAnalyzer:
+                     cache_mb: float = 2048, stats_mb: float = 4096, **_: Any) -> ConvergenceAnalyzer:
         if probe is None:
             raise CkptscopeError("the convergence analyzer needs --probe FILE (token sequences to compare activations on)")
-        return cls(probe, reference_step=reference_step, batch_size=batch_size)
+        return cls(probe, reference_step=reference_step, batch_size=batch_size, cache_mb=cache_mb, stats_mb=stats_mb)
 
     def parameters(self) -> dict[str, Any]:
         return {**self.probe.provenance("probe"), "reference_step": self.reference_step, "batch_size": self.batch_size,
@@ -87,8 +89,7 @@ class ConvergenceAnalyzer:
         model = load_model(ctx.checkpoint, ctx.device)
         batches = self._prepare(ctx, model)
         sites = model.sites()
-        params = {**self.parameters(), "reference_step": (reference or ctx.checkpoint).step,
-                  "positions": int(sum(int(m.sum()) for _, m in batches))}
+        params = {**self.parameters(), "reference_step": (reference or ctx.checkpoint).step, "positions": self._positions}
         out = RunRows(self.name, self.version, params, f"{model.dtype_label}; CKA statistics float64", backend(ctx.device))
         if reference is None:  # this step is the reference: identical representations
             values = {s.module: (1.0, 1.0) for s in sites}
@@ -123,6 +124,7 @@ class ConvergenceAnalyzer:
             if not len(self._seqs):
                 raise CkptscopeError(f"{self.probe.path}: every sequence is empty; nothing to compare")
             self._batches = padded_batches(self._seqs.tokens, self.batch_size)
+            self._positions = sum(len(t) for t in self._seqs.tokens)
         longest = max(len(t) for t in self._seqs.tokens)
         if model.max_positions() and longest > model.max_positions():
             raise CkptscopeError(f"{self.probe.path}: a sequence has {longest} tokens, more than the model's "
@@ -144,9 +146,8 @@ class ConvergenceAnalyzer:
             return self._reference_state
         self._reference_state = None
         model = build_model(ckpt, ctx.device)  # not via load_model: it must not evict the current step's model
-        positions = sum(int(m.sum()) for _, m in batches)
         itemsize = torch.empty(0, dtype=model.dtype).element_size()
-        cached = positions * model.module.config.hidden_size * len(sites) * itemsize <= self.cache_mb * 2**20
+        cached = self._positions * model.module.config.hidden_size * len(sites) * itemsize <= self.cache_mb * 2**20
         acts: list[dict[str, torch.Tensor]] | None = [{} for _ in batches] if cached else None
         summaries: dict[str, Summary] = {}
         for group in self._groups(model, sites, matrices=1):

@@ -32,7 +32,7 @@ class Sequences:
     """Token sequences with their ids; `first_seen_step` is None where the file does not say."""
 
     ids: list[str]
-    tokens: list[np.ndarray]
+    tokens: list[np.ndarray]  # 1-D integer arrays (int64, or memory-mapped rows of a .npy file)
     first_seen_step: list[int | None]
 
     def __len__(self) -> int:
@@ -167,7 +167,7 @@ def _read_npy(path: Path, what: str) -> tuple[list, list, list]:
     data = np.load(path, mmap_mode="r", allow_pickle=False)
     if data.ndim != 2 or data.dtype.kind not in "iu":
         raise CkptscopeError(f"--{what} {path}: expected a 2-D integer array of token ids, got {data.ndim}-D {data.dtype}")
-    rows = [np.asarray(row, dtype=np.int64) for row in data]
+    rows = list(data)  # views into the memory map: rows are read when used, not all at once
     return [str(i) for i in range(len(rows))], rows, [None] * len(rows)
 
 

@@ -48,6 +48,7 @@ class MemorizationAnalyzer:
     """Pythia memorization score, continuation loss and per-layer logit lens per corpus sequence."""
 
     name = "memorization"
+    uses_references = False  # each step stands alone: no first/last checkpoints are added
     version = "1.0.0"
 
     def __init__(self, corpus: Path | str, *, prompt_len: int = 32, continuation_len: int = 32, batch_size: int = 16) -> None:
@@ -90,12 +91,13 @@ class MemorizationAnalyzer:
             out.anomalies.append((None, "no_logit_lens", "no final norm found, so the logit lens is not computed"))
             sites = []
         length = self.prompt_len + self.continuation_len
-        tokens = torch.from_numpy(np.stack([t[:length] for t in seqs.tokens]))
         scores, losses, hits = [], [], torch.zeros(len(sites), dtype=torch.long)
-        n_batches = math.ceil(len(tokens) / self.batch_size)
+        n_batches = math.ceil(len(seqs) / self.batch_size)
         for b in range(n_batches):
             ctx.on_tensor(f"memorization batch {b + 1}/{n_batches}")
-            s, l, h = self._batch(model, tokens[b * self.batch_size : (b + 1) * self.batch_size], sites, suppressed)
+            rows = seqs.tokens[b * self.batch_size : (b + 1) * self.batch_size]
+            ids = torch.from_numpy(np.stack([np.asarray(t[:length], dtype=np.int64) for t in rows]))
+            s, l, h = self._batch(model, ids, sites, suppressed)
             scores.append(s)
             losses.append(l)
             hits += h
@@ -105,7 +107,7 @@ class MemorizationAnalyzer:
                                       "loss": loss, "first_seen_step": list(seqs.first_seen_step)}
         for site, count in zip(sites, hits.tolist()):
             out.add_metrics(site.module, site.layer, site.component,
-                            {"memorization_logit_lens": count / (len(tokens) * self.continuation_len)})
+                            {"memorization_logit_lens": count / (len(seqs) * self.continuation_len)})
         return out
 
     def _suppressed(self, model: LoadedModel) -> list[int]:

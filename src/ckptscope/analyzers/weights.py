@@ -105,6 +105,7 @@ class WeightAnalyzer:
     """Spectral, rank, norm, update and weight-space convergence statistics per tensor."""
 
     name = "weights"
+    uses_references = True  # deltas need the first and previous steps, convergence the final
     version = "1.0.0"
 
     def __init__(self, *, rtol: float = 1e-3, spectra: tuple[str, ...] = ("weight", "delta_init")) -> None:
