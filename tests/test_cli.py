@@ -232,3 +232,21 @@ def test_demo_ingests_embedded_suite_and_answers_queries(tmp_path):
         assert db.anomalies().height == 0
         assert db.sql("SELECT count(DISTINCT layer) FROM metrics WHERE component = 'attn.q'").item() == 4
     assert invoke("demo", "--store", store).exit_code == 0  # a rerun resumes: nothing recomputed, same answers
+
+    suite_dir = Path(ckptscope.__file__).parent / "demo_suite"
+    first, final = suite["steps"][0], suite["steps"][-1]
+    res = invoke("analyze", "memorization", "demo-neox", "--store", store, "--corpus", suite_dir / "canaries.jsonl",
+                 "--steps", f"{first},{final}")
+    assert res.exit_code == 0, res.output
+    res = invoke("analyze", "convergence", "demo-neox", "--store", store, "--probe", suite_dir / "probe.jsonl",
+                 "--steps", f"{first},512,{final}")
+    assert res.exit_code == 0, res.output
+    with ckptscope.Store(store, read_only=True) as db:
+        mem = dict(db.sql("SELECT step, memorized_rate FROM memorization_summary WHERE model = 'demo-neox'").rows())
+        assert mem[first] == 0 and mem[final] == suite["canaries_memorized_at_final"] / suite["num_canaries"] > 0
+        cka = db.sql("SELECT step, min(value), max(value) FROM metrics WHERE metric = 'cka_final' GROUP BY step ORDER BY step").rows()
+        assert [c[0] for c in cka] == [first, 512, final]
+        assert cka[-1][1:] == (pytest.approx(1.0), pytest.approx(1.0)) and cka[0][1] < 0.9
+        assert db.sql("SELECT count(*) FROM runs WHERE analyzer = 'weights'").item() == len(suite["steps"])  # untouched
+    assert_clean_error(invoke("analyze", "memorization", "nope", "--store", store, "--corpus", suite_dir / "canaries.jsonl"),
+                       "model 'nope' is not in", "demo-neox")
