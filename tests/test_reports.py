@@ -258,6 +258,21 @@ def test_convergence_and_memorization(convergence_store, browser, tmp_path):
     assert mem["memorized_rate"].to_list() == pytest.approx([round(10 * s / 64) / 10 for s in steps["deep-4L"]])
 
 
+def test_report_from_real_activation_analyzers(browser, tmp_path):
+    """The demo suite through the real weights, convergence and memorization analyzers, rendered."""
+    suite = Path(ckptscope.__file__).parent / "demo_suite"
+    store = tmp_path / "real.duckdb"
+    ckptscope.ingest(suite, store=store, name="demo-neox", steps="0,512,2000", analyzers="weights,convergence,memorization",
+                     probe=suite / "probe.jsonl", corpus=suite / "canaries.jsonl")
+    report = build_report(store, tmp_path / "real.html", metrics=["stable_rank"])
+    info = open_report(browser, report, tmp_path / "real.png")
+    assert_renders_cleanly(info, tmp_path / "real.png", min_charts=6)
+    titles = section_titles(browser)
+    assert "Convergence" in titles and "Memorization" in titles
+    with ckptscope.Store(store, read_only=True) as db:
+        assert db.sql("SELECT count(*) FROM stabilization").item() == 12  # 4 layers x resid, attn_out, mlp_out
+
+
 def test_store_text_is_escaped(xss_store, browser, tmp_path):
     report = build_report(xss_store, tmp_path / "xss.html")
     text = report.read_text()

@@ -8,6 +8,7 @@ traceback.
 from __future__ import annotations
 
 import functools
+import json
 import sys
 from importlib.resources import files
 from pathlib import Path
@@ -250,8 +251,6 @@ def _human(n: int | None) -> str:
 
 
 def _demo_tokens_per_step(suite: Path) -> int | None:
-    import json
-
     meta = suite / "suite.json"
     return json.loads(meta.read_text()).get("tokens_per_step") if meta.is_file() else None
 

@@ -49,6 +49,8 @@ class Plan:
     def adopt(self, ckpt: Checkpoint) -> None:
         """Check a checkpoint against the run's architecture (taking it as the run's, if first)."""
         current = {name: info.shape for name, info in ckpt.tensors.items() if not is_buffer(name)}
+        if not current:
+            raise SourceError(f"{ckpt.path}: the checkpoint holds no tensors; re-save it")
         if not self.shapes:
             _check_against_store(self, current)
             self.shapes, self.config = current, ckpt.config
@@ -57,7 +59,8 @@ class Plan:
         for name, shape in current.items():
             if self.shapes.get(name, shape) != shape:
                 raise SourceError(f"step {ckpt.step}: tensor {name} has shape {list(shape)}, other steps have "
-                                  f"{list(self.shapes[name])}; a model's checkpoints must share one architecture")
+                                  f"{list(self.shapes[name])}; a model's checkpoints must share one architecture "
+                                  "(ingest it under another --name)")
 
 
 def _num_layers(config: dict | None, shapes: dict[str, tuple[int, ...]], fam: str) -> int | None:
@@ -66,25 +69,6 @@ def _num_layers(config: dict | None, shapes: dict[str, tuple[int, ...]], fam: st
             return config[key]
     layers = [r.layer for r in (classify(n, fam) for n in shapes) if r.layer is not None]
     return max(layers) + 1 if layers else None
-
-
-def _validate(ckpts: list[Checkpoint]) -> dict[str, tuple[int, ...]]:
-    """Every checkpoint readable and of one architecture; returns the shared shapes."""
-    shapes: dict[str, tuple[int, ...]] = {}
-    first_step = ckpts[0].step
-    for ckpt in ckpts:
-        current = {name: info.shape for name, info in ckpt.tensors.items() if not is_buffer(name)}
-        if not current:
-            raise SourceError(f"{ckpt.path}: the checkpoint holds no tensors; re-save it")
-        for name, shape in current.items():
-            if shapes.get(name, shape) != shape:
-                raise SourceError(
-                    f"step {ckpt.step}: tensor {name} has shape {list(shape)} but step {first_step} has {list(shapes[name])}; "
-                    "a model's checkpoints must share one architecture (ingest it under another --name)"
-                )
-        shapes.update(current)
-        ckpt.close()
-    return shapes
 
 
 def open_source(source: str | Path, *, steps: str | None = None, revision_pattern: str | None = None,
@@ -119,10 +103,10 @@ def plan_ingest(src: Source, *, name: str | None, steps: str | None, max_steps: 
         selected = sorted({*selected, min(available), max(available)})
     plan = Plan(name or src.default_name, src, available, list(selected), None, "unknown", {})
     if src.kind == "local":
-        ckpts = [src.open(available[s]) for s in selected]
-        plan.shapes = _validate(ckpts)
-        plan.config = next((c.config for c in ckpts if c.config), None)
-        plan.family = family(plan.config)
+        for step in selected:
+            ckpt = src.open(available[step])
+            plan.adopt(ckpt)
+            ckpt.close()
     return plan
 
 
