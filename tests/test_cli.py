@@ -64,6 +64,7 @@ def test_sql_formats(run_and_store, tmp_path):
     assert pl.read_parquet(out)["tokens"].to_list() == [0, 1000, 2000]
     res = invoke("sql", "SELECT count(*) AS n FROM metrics WHERE metric = 'alpha'", "--store", store)
     assert res.exit_code == 0 and " n " in res.output
+    assert invoke("sql", "EXPLAIN SELECT * FROM metrics", "--store", store).exit_code == 0
 
 
 def test_env_store_and_ls(run_and_store, monkeypatch):
@@ -82,12 +83,17 @@ def test_env_store_and_ls(run_and_store, monkeypatch):
     ("CREATE TABLE x AS SELECT 1", ["read-only", "CREATE"]),
     ("COPY metric_values TO 'x.csv'", ["read-only", "COPY"]),
     ("SELECT 1; DELETE FROM runs", ["read-only"]),
+    ("EXPLAIN ANALYZE COPY (SELECT 1) TO 'leak.csv'", ["read-only", "COPY"]),
+    ("SET threads = 1", ["read-only", "SET"]),
+    ("ATTACH 'other.duckdb' AS o", ["read-only", "ATTACH"]),
 ])
-def test_sql_refuses_bad_and_writing_statements(run_and_store, query, fragments):
+def test_sql_refuses_bad_and_writing_statements(run_and_store, query, fragments, tmp_path, monkeypatch):
     _, store, _, _ = run_and_store
+    monkeypatch.chdir(tmp_path)
     before = digest(store)
     assert_clean_error(invoke("sql", query, "--store", store), *fragments)
     assert digest(store) == before
+    assert list(tmp_path.iterdir()) == []  # no file written beside it either
 
 
 def test_sql_missing_store_is_not_created(tmp_path):

@@ -176,7 +176,10 @@ class Store:
             raise StoreError("empty query; give one SELECT statement")
         for st in statements:
             kind = st.type.name
-            if kind not in READ_STATEMENTS:
+            if kind == "EXPLAIN":  # EXPLAIN ANALYZE runs its statement: that one must be a read too
+                inner = re.sub(r"^\s*EXPLAIN\s+(ANALY[SZ]E\s+)?", "", st.query, flags=re.IGNORECASE)
+                kind = self.con.extract_statements(inner)[0].type.name if inner.strip() else kind
+            if kind not in READ_STATEMENTS - {"EXPLAIN"}:
                 raise StoreError(f"`sql` is read-only: {kind} statements are refused; use SELECT (or the Python API for changes)")
         if len(statements) > 1:
             raise StoreError("give one statement at a time")
