@@ -118,6 +118,9 @@ def bad_source(kind: str, base: Path, states, config) -> Path:
         write_checkpoint(run / "step10", states[10], config)
         f = run / "step10" / "model.safetensors"
         f.write_bytes(f.read_bytes()[:-100])
+    elif kind == "not-an-object":
+        (run / "step10").mkdir()
+        (run / "step10" / "model.safetensors").write_bytes(b"\x02\x00\x00\x00\x00\x00\x00\x00[]")
     elif kind == "garbage":
         (run / "step10").mkdir()
         (run / "step10" / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
@@ -135,6 +138,7 @@ def bad_source(kind: str, base: Path, states, config) -> Path:
     ("empty", ["no checkpoints found"]),
     ("truncated", ["truncated safetensors file"]),
     ("garbage", ["corrupt safetensors header"]),
+    ("not-an-object", ["corrupt safetensors header", "not a JSON object"]),
     ("unpickling", ["refused", "arbitrary unpickling"]),
     ("shapes", ["step 10", "has shape", "one architecture"]),
 ])
@@ -164,6 +168,8 @@ def test_shape_mismatch_against_stored_model(run_and_store, tmp_path):
     (["--steps", "7"], ["step 7 is not available", "10"]),
     (["--steps", "1:x"], ["bad step range"]),
     (["--tokens-per-step", "0"], ["--tokens-per-step"]),
+    (["--device", "gpu0"], ["--device", "not a torch device"]),
+    (["--device", "cuda"], ["no CUDA GPU"]),
 ])
 def test_bad_options(run_and_store, args, fragments):
     root, store, _, _ = run_and_store

@@ -222,3 +222,43 @@ def test_explicit_step_paths_and_single_checkpoint(neox, tmp_path):
     assert report["step"].to_list() == [0, 400]
     single = ckptscope.ingest(tmp_path / "run" / "later", store=store, name="single")
     assert single["step"].to_list() == [0]
+
+
+def test_duplicate_points_to_earliest_step_even_after_force(neox, tmp_path):
+    states, config = neox
+    root = write_run(tmp_path / "run", {0: states[0], 5: states[2], 10: states[2]}, config)
+    store = tmp_path / "s.duckdb"
+    for force in (False, True):
+        ckptscope.ingest(root, store=store, force=force)
+        with ckptscope.Store(store, read_only=True) as db:
+            assert db.sql("SELECT step, duplicate_of FROM checkpoints ORDER BY step").rows() == [(0, None), (5, None), (10, 5)]
+            assert db.sql("SELECT step, kind FROM anomalies").rows() == [(10, "duplicate_checkpoint")]
+
+
+def test_float64_wide_matrices(tmp_path):
+    """A wide float64 matrix compared with the final step (a transposed, non-contiguous chunk)."""
+    wide = {"blocks.0.w": torch.randn(4, 8, dtype=torch.float64)}
+    later = {"blocks.0.w": wide["blocks.0.w"] + 0.1}
+    root = write_run(tmp_path / "run", {0: wide, 3: later}, None, dtype=None)
+    ckptscope.ingest(root, store=tmp_path / "s.duckdb")
+    got = metric_table(tmp_path / "s.duckdb", "metric = 'final_relative_distance'")
+    w0, w3 = wide["blocks.0.w"].numpy(), later["blocks.0.w"].numpy()
+    assert got[(0, "blocks.0.w", "other", "final_relative_distance")] == pytest.approx(np.linalg.norm(w0 - w3) / np.linalg.norm(w3), rel=1e-12)
+
+
+def test_lost_reference_is_a_clear_error_and_interrupted_rebasing_resumes(neox, tmp_path):
+    states, config = neox
+    root = write_run(tmp_path / "run", {s: states[s] for s in (0, 2, 4)}, config)
+    store = tmp_path / "s.duckdb"
+    ckptscope.ingest(root, store=store)
+    with ckptscope.Store(store) as db:  # as if a re-basing onto step 4 had been killed half-way
+        db.con.execute("UPDATE runs SET parameters = json_object('final_step', 2) WHERE step = 0")
+    report = ckptscope.ingest(root, store=store)
+    assert report.height == 0
+    with ckptscope.Store(store, read_only=True) as db:
+        assert db.sql("SELECT DISTINCT parameters->>'final_step' FROM runs").item() == "4"
+    import shutil
+    shutil.rmtree(root / "step0")
+    write_run(root, {8: states[8]}, config)
+    with pytest.raises(ckptscope.CkptscopeError, match="step 0, the first step .* no longer in the source"):
+        ckptscope.ingest(root, store=store)

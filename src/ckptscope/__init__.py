@@ -5,9 +5,28 @@ tensors, analyzers turn tensors into rows (`ckptscope.analyzers`), the store wri
 (`ckptscope.store`), and reports and SQL read the store.
 """
 
+from typing import Any
+
+import ckptscope.ingest  # noqa: F401  bound first, so that the function below owns the name `ingest`
 from ckptscope.errors import CkptscopeError
-from ckptscope.pipeline import ingest
 from ckptscope.store.db import Store, default_store_path
 
-__all__ = ["CkptscopeError", "Store", "default_store_path", "ingest"]
+__all__ = ["CkptscopeError", "Store", "analyze", "default_store_path", "ingest"]
 __version__ = "0.1.0"
+
+
+def ingest(source: Any, **options: Any) -> Any:
+    """Analyze checkpoints into the store: `ckptscope.pipeline.ingest`, imported on first use.
+
+    Importing the pipeline loads torch (about a second); `ckptscope sql` and `ls` never need it.
+    """
+    from ckptscope.pipeline import ingest as run
+
+    return run(source, **options)
+
+
+def analyze(model: str, analyzers: str, **options: Any) -> Any:
+    """Run analyzers on a model already in the store: `ckptscope.pipeline.analyze`."""
+    from ckptscope.pipeline import analyze as run
+
+    return run(model, analyzers, **options)

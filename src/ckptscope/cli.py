@@ -19,8 +19,6 @@ from rich.console import Console
 from rich.table import Table
 
 from ckptscope.errors import CkptscopeError, StoreError
-from ckptscope.pipeline import analyze as run_analyze
-from ckptscope.pipeline import ingest as run_ingest
 from ckptscope.store.db import Store, default_store_path
 
 out = Console()
@@ -40,6 +38,18 @@ DEMO_QUERIES = [
      + " FROM metrics WHERE model = 'demo-neox' AND metric = 'alpha' AND layer IS NOT NULL "
      "AND step = (SELECT max(step) FROM checkpoints) GROUP BY layer ORDER BY layer"),
 ]
+
+
+def run_ingest(*args, **kwargs) -> pl.DataFrame:
+    from ckptscope.pipeline import ingest  # torch is loaded only by the commands that analyze
+
+    return ingest(*args, **kwargs)
+
+
+def run_analyze(*args, **kwargs) -> pl.DataFrame:
+    from ckptscope.pipeline import analyze
+
+    return analyze(*args, **kwargs)
 
 
 def _store_option(f):
@@ -129,6 +139,8 @@ def sql(query, store, fmt, output):
     """Run a read-only SQL QUERY against the store."""
     if fmt == "parquet" and output is None:
         raise CkptscopeError("--format parquet needs --output FILE")
+    if output is not None and not output.parent.is_dir():
+        raise CkptscopeError(f"--output {output}: directory {output.parent} does not exist")
     with Store(store or default_store_path(), read_only=True) as db:
         df = db.sql(query)
     if fmt == "table":

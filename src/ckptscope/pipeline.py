@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import polars as pl
+import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
@@ -45,6 +46,7 @@ class Plan:
     family: str
     shapes: dict[str, tuple[int, ...]]  # of the first checkpoint; remote sources fill it on first open
     stored_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    stale_final: bool = False  # stored final_* rows point at an older final step
 
     def adopt(self, ckpt: Checkpoint) -> None:
         """Check a checkpoint against the run's architecture (taking it as the run's, if first)."""
@@ -105,8 +107,10 @@ def plan_ingest(src: Source, *, name: str | None, steps: str | None, max_steps: 
     if src.kind == "local":
         for step in selected:
             ckpt = src.open(available[step])
-            plan.adopt(ckpt)
-            ckpt.close()
+            try:
+                plan.adopt(ckpt)
+            finally:
+                ckpt.close()
     return plan
 
 
@@ -128,6 +132,20 @@ def reconcile(plan: Plan, store: Store, analyzers: list[Analyzer], *, force: boo
     if not force:
         done = set.intersection(*(store.steps_done(plan.model, a.name) for a in analyzers))
         plan.todo = [s for s in plan.todo if s not in done]
+    stored_ok = set(store.sql("SELECT step FROM checkpoints WHERE model = ? AND status = 'ok'", [plan.model])["step"].to_list())
+    every = stored_ok | set(plan.todo)
+    if every and any(getattr(a, "uses_references", True) for a in analyzers):
+        for role, step in (("first", min(every)), ("last", max(every))):
+            if step not in plan.available:
+                raise SourceError(
+                    f"step {step}, the {role} step of model {plan.model!r} in the store, is no longer in the source; "
+                    "deltas and distances are taken against it: restore it, or ingest into another --name"
+                )
+    weights = next((a for a in analyzers if isinstance(a, WeightAnalyzer)), None)
+    if weights is not None and stored_ok:  # an interrupted re-basing is finished by the next run
+        final = max(every)
+        plan.stale_final = any(p.get("final_step") != final for s, p in store.run_parameters(plan.model, weights.name).items()
+                               if s in stored_ok)
 
 
 @contextmanager
@@ -151,6 +169,7 @@ def ingest(source: str | Path, *, store: Store | str | Path | None = None, name:
     before anything is written. Hub downloads are evicted after use unless `keep`. `probe`
     feeds the `convergence` analyzer, `corpus` the `memorization` analyzer.
     """
+    _check_device(device)
     chosen = build_analyzers(analyzers, rtol=rtol, probe=probe, corpus=corpus, reference_step=reference_step,
                              batch_size=batch_size, prompt_len=prompt_len, continuation_len=continuation_len)
     if tokens_per_step is not None and tokens_per_step <= 0:
@@ -163,6 +182,17 @@ def ingest(source: str | Path, *, store: Store | str | Path | None = None, name:
         src.close()
 
 
+def _check_device(device: str) -> None:
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        raise SourceError(f"--device {device!r} is not a torch device; use cpu or cuda") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise SourceError(f"--device {device}: no CUDA GPU is available to this torch build; use --device cpu")
+    if kind not in ("cpu", "cuda"):
+        raise SourceError(f"--device {device}: only cpu and cuda are supported")
+
+
 def _run(plan: Plan, store: Store | str | Path | None, chosen: list[Analyzer], *, force: bool,
          tokens_per_step: int | None, device: str, progress: bool) -> pl.DataFrame:
     if isinstance(store, Store):
@@ -172,7 +202,7 @@ def _run(plan: Plan, store: Store | str | Path | None, chosen: list[Analyzer], *
     if path.exists():  # look read-only first: a mistake found here must not touch the file
         with Store(path, read_only=True) as ro:
             reconcile(plan, ro, chosen, force=force)
-        if not plan.todo:
+        if not plan.todo and not plan.stale_final:
             return _execute(plan, None, chosen, tokens_per_step=tokens_per_step, device=device, progress=progress)
     with Store(path) as db:
         reconcile(plan, db, chosen, force=force)
@@ -227,14 +257,17 @@ class _Checkpoints:
 
 def _execute(plan: Plan, db: Store | None, analyzers: list[Analyzer], *, tokens_per_step: int | None,
              device: str, progress: bool) -> pl.DataFrame:
-    if db is None or not plan.todo:
+    if db is None or not (plan.todo or plan.stale_final):
         return pl.DataFrame(schema=REPORT_SCHEMA)
     prior = db.model(plan.model)
     if tokens_per_step is None and prior:
         tokens_per_step = prior["tokens_per_step"]
     stored = db.checkpoints(plan.model).filter(pl.col("status") == "ok")
     stored_ok = set(stored["step"].to_list())
-    hashes = {row["content_hash"]: row["step"] for row in stored.iter_rows(named=True) if row["content_hash"]}
+    hashes: dict[str, set[int]] = {}
+    for row in stored.iter_rows(named=True):
+        if row["content_hash"]:
+            hashes.setdefault(row["content_hash"], set()).add(row["step"])
     # References are the steps in the store or being ingested that the source still holds.
     all_steps = sorted(set(plan.todo) | (stored_ok & set(plan.available)))
     ckpts = _Checkpoints(plan.source, plan.available)
@@ -270,44 +303,47 @@ def _execute(plan: Plan, db: Store | None, analyzers: list[Analyzer], *, tokens_
             return ckpt
         return None
 
-    with _progress(progress) as bar:
-        steps_task = bar.add_task(f"[bold]{plan.model}[/] checkpoints", total=len(plan.todo))
-        tensor_task = bar.add_task("tensors", total=0, visible=False)
-        for i, step in enumerate(plan.todo):
-            bar.advance(steps_task)
-            if step not in all_steps:  # found missing while it served as a reference
-                continue
-            started = time.perf_counter()
-            idx = all_steps.index(step)
-            ckpts.keep_only({all_steps[0], all_steps[idx - 1] if idx else step, step, all_steps[-1]})
-            if i + 1 < len(plan.todo):
-                ckpts.prefetch(plan.todo[i + 1])
-            first = pick(all_steps[:idx])
-            ckpt = pick([step])
-            if ckpt is None:
-                continue
-            idx = all_steps.index(step)
-            previous = pick(all_steps[idx - 1 :: -1] if idx else [])
-            final = pick(all_steps[: idx : -1])
-            digest = ckpt.content_hash()
-            duplicate_of = hashes.get(digest) if hashes.get(digest) != step else None
-            hashes.setdefault(digest, step)
-            n_tensors = sum(1 for n in ckpt.tensors if not is_buffer(n))
-            bar.reset(tensor_task, total=n_tensors * len(analyzers), visible=progress, description=f"step {step}")
-            ctx = AnalysisContext(checkpoint=ckpt, family=plan.family, config=plan.config, device=device,
-                                  first=first, previous=previous, final=final,
-                                  on_tensor=lambda _name: bar.advance(tensor_task))
-            runs = [a.analyze(ctx) for a in analyzers]
-            write(CheckpointRows(
-                model=plan.model, step=step, tokens=tokens(step), revision=ckpt.revision,
-                source=str(ckpt.path) if plan.source.kind == "local" else plan.source.id, content_hash=digest,
-                tensors=_tensor_rows(ckpt, plan.family), runs=runs, duplicate_of=duplicate_of,
-            ))
-            report.append({"step": step, "status": "duplicate" if duplicate_of is not None else "ok",
-                           "duplicate_of": duplicate_of, "tensors": n_tensors, "seconds": round(time.perf_counter() - started, 3)})
-        if all_steps:
-            _refresh_final(plan, db, analyzers, all_steps, ckpts, bar)
-            ckpts.keep_only(set())
+    try:
+        with _progress(progress) as bar:
+            steps_task = bar.add_task(f"[bold]{plan.model}[/] checkpoints", total=len(plan.todo))
+            tensor_task = bar.add_task("tensors", total=0, visible=False)
+            for i, step in enumerate(plan.todo):
+                bar.advance(steps_task)
+                if step not in all_steps:  # found missing while it served as a reference
+                    continue
+                started = time.perf_counter()
+                idx = all_steps.index(step)
+                ckpts.keep_only({all_steps[0], all_steps[idx - 1] if idx else step, step, all_steps[-1]})
+                if i + 1 < len(plan.todo):
+                    ckpts.prefetch(plan.todo[i + 1])
+                first = pick(all_steps[:idx])
+                ckpt = pick([step])
+                if ckpt is None:
+                    continue
+                idx = all_steps.index(step)
+                previous = pick(all_steps[idx - 1 :: -1] if idx else [])
+                final = pick(all_steps[: idx : -1])
+                digest = ckpt.content_hash()
+                same = hashes.setdefault(digest, set())
+                duplicate_of = min((s for s in same if s < step), default=None)  # always the earliest identical step
+                same.add(step)
+                n_tensors = sum(1 for n in ckpt.tensors if not is_buffer(n))
+                bar.reset(tensor_task, total=n_tensors * len(analyzers), visible=progress, description=f"step {step}")
+                ctx = AnalysisContext(checkpoint=ckpt, family=plan.family, config=plan.config, device=device,
+                                      first=first, previous=previous, final=final,
+                                      on_tensor=lambda _name: bar.advance(tensor_task))
+                runs = [a.analyze(ctx) for a in analyzers]
+                write(CheckpointRows(
+                    model=plan.model, step=step, tokens=tokens(step), revision=ckpt.revision,
+                    source=str(ckpt.path) if plan.source.kind == "local" else plan.source.id, content_hash=digest,
+                    tensors=_tensor_rows(ckpt, plan.family), runs=runs, duplicate_of=duplicate_of,
+                ))
+                report.append({"step": step, "status": "duplicate" if duplicate_of is not None else "ok",
+                               "duplicate_of": duplicate_of, "tensors": n_tensors, "seconds": round(time.perf_counter() - started, 3)})
+            if all_steps:
+                _refresh_final(plan, db, analyzers, all_steps, ckpts, bar)
+    finally:  # hub downloads and memory maps are released however the run ends
+        ckpts.keep_only(set())
     return pl.DataFrame(report, schema=REPORT_SCHEMA).sort("step")
 
 
@@ -325,7 +361,9 @@ def _refresh_final(plan: Plan, db: Store, analyzers: list[Analyzer], all_steps: 
     task = bar.add_task(f"re-basing {len(stale)} steps on final step {final}", total=len(stale))
     for step in stale:
         ckpts.keep_only({all_steps[0], step, final})
-        ctx = AnalysisContext(checkpoint=ckpts.get(step), family=plan.family, config=plan.config,
+        ckpt = ckpts.get(step)
+        plan.adopt(ckpt)  # a re-basing-only run opens nothing else first
+        ctx = AnalysisContext(checkpoint=ckpt, family=plan.family, config=plan.config,
                               final=ckpts.get(final) if step != final else None)
         db.replace_metrics(plan.model, step, weights.name, list(FINAL_METRICS), weights.refresh_final(ctx),
                            {**params[step], "final_step": final})

@@ -67,7 +67,7 @@ def _one_pass(w: torch.Tensor, first: torch.Tensor | None, prev: torch.Tensor | 
         if final is not None:
             b = final[s : s + step].to(**f64)
             acc.sq_final += _sq(b)
-            acc.dot_final += float(torch.dot(a.view(-1), b.view(-1)))
+            acc.dot_final += float(torch.dot(a.reshape(-1), b.reshape(-1)))
             acc.sq_diff_final += _sq(a - b)
         acc.gram.addmm_(a.T, a)
     return acc
@@ -160,7 +160,7 @@ class WeightAnalyzer:
         refs = {key: self._reference(getattr(ctx, key), name, w.shape) for key in ("first", "previous", "final")}
         if final_only:
             refs["first"] = refs["previous"] = None
-        for component, parts in self._units(name, role, ctx, w, refs):
+        for component, parts in self._units(name, role, ctx, w, refs, out):
             self._matrix(name, role, component, parts, ctx, out, final_only=final_only)
 
     @staticmethod
@@ -187,7 +187,7 @@ class WeightAnalyzer:
         return t if t.shape == shape else None
 
     @staticmethod
-    def _units(name: str, role: Role, ctx: AnalysisContext, w: torch.Tensor, refs: dict[str, torch.Tensor | None]):
+    def _units(name: str, role: Role, ctx: AnalysisContext, w: torch.Tensor, refs: dict[str, torch.Tensor | None], out: RunRows):
         """The matrix as stored (oriented out × in, >2-D flattened) and, for fused QKV, its parts."""
         def shaped(t: torch.Tensor) -> torch.Tensor:
             t = orient(name, ctx.family, t)
@@ -196,7 +196,11 @@ class WeightAnalyzer:
         mats = {"w": shaped(w), **{k: shaped(v) if v is not None else None for k, v in refs.items()}}
         yield role.component, mats
         if role.component == "attn.qkv" and ctx.config:
-            split = {k: dict(split_qkv(role, ctx.family, v, ctx.config)) if v is not None else None for k, v in mats.items()}
+            try:
+                split = {k: dict(split_qkv(role, ctx.family, v, ctx.config)) if v is not None else None for k, v in mats.items()}
+            except ValueError as exc:  # config and shapes disagree: the fused matrix is still analyzed
+                out.anomalies.append((name, "qkv_not_split", str(exc)))
+                return
             for component in split["w"]:
                 yield component, {k: (v[component] if v is not None else None) for k, v in split.items()}
 
@@ -209,7 +213,10 @@ class WeightAnalyzer:
         sq_w = float((sv**2).sum())
         values: dict[str, float] = {}
         if final_only:
-            values.update(_final_metrics(acc, sq_w) if m["final"] is not None else {"final_cosine": 1.0, "final_relative_distance": 0.0})
+            if m["final"] is not None:
+                values.update(_final_metrics(acc, sq_w))
+            elif ctx.final is None:  # re-basing the final step itself
+                values.update({"final_cosine": 1.0, "final_relative_distance": 0.0})
             out.add_metrics(name, role.layer, component, _finite(values))
             return
         shape = tuple(w.shape)

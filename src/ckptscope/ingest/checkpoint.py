@@ -100,6 +100,8 @@ def _read_safetensors_header(file: Path) -> list[TensorInfo]:
             header = json.loads(fh.read(header_len))
         except ValueError:
             raise SourceError(f"{file}: corrupt safetensors header (not JSON); re-download or re-save it") from None
+    if not isinstance(header, dict):
+        raise SourceError(f"{file}: corrupt safetensors header (not a JSON object); re-download or re-save it")
     data_start = 8 + header_len
     infos = []
     end = 0
@@ -108,7 +110,7 @@ def _read_safetensors_header(file: Path) -> list[TensorInfo]:
             continue
         try:
             dtype = SAFETENSORS_DTYPES[meta["dtype"]]
-            start, stop = meta["data_offsets"]
+            start, stop = (int(x) for x in meta["data_offsets"])
             shape = tuple(int(s) for s in meta["shape"])
         except (KeyError, TypeError, ValueError):
             raise SourceError(f"{file}: corrupt safetensors entry for {name!r}; re-download or re-save it") from None

@@ -111,7 +111,9 @@ class Store:
         if self.path.exists() and self.path.is_dir():
             raise StoreError(f"store {self.path} is a directory; pass a file path with --store")
         try:
-            self.con = duckdb.connect(str(self.path), read_only=read_only)
+            # Read-only means no side effects at all: no extension downloads triggered by a SELECT.
+            config = {"autoinstall_known_extensions": False, "autoload_known_extensions": False} if read_only else {}
+            self.con = duckdb.connect(str(self.path), read_only=read_only, config=config)
         except duckdb.IOException as exc:
             msg = _one_line(exc)
             if "lock" in msg.lower():
@@ -143,8 +145,9 @@ class Store:
 
     def _migrate(self) -> None:
         existing = self._scalar("SELECT count(*) FROM information_schema.tables WHERE table_name = 'meta'")
-        if existing:
+        if existing:  # an existing store is left byte-identical until something is written
             self._check_version()
+            return
         self.con.execute(files("ckptscope.store").joinpath("schema.sql").read_text())
         self.con.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", [SCHEMA_VERSION])
 
@@ -315,6 +318,7 @@ class Store:
             for table in RUN_TABLES:
                 self.con.execute(f"DELETE FROM {table} WHERE run_id IN ({marks})", ids)
         self.con.execute("DELETE FROM anomalies WHERE model = ? AND step = ? AND run_id IS NULL", [model, step])
+        self.con.execute("DELETE FROM tensors WHERE model = ? AND step = ?", [model, step])  # rewritten with the checkpoint
 
     def _add_anomaly(self, model: str, step: int, tensor: str | None, kind: str, detail: str, run_id: int | None = None) -> None:
         self.con.execute("INSERT INTO anomalies (run_id, model, step, tensor, kind, detail) VALUES (?, ?, ?, ?, ?, ?)",
