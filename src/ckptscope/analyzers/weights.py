@@ -165,7 +165,8 @@ class WeightAnalyzer:
 
     @staticmethod
     def _check_finite(name: str, w: torch.Tensor, out: RunRows) -> bool:
-        if bool(torch.isfinite(w).all()):
+        flat = w.reshape(-1)  # in chunks: isfinite on the whole tensor allocates ~2x its size
+        if all(bool(torch.isfinite(flat[i : i + CHUNK_ELEMENTS]).all()) for i in range(0, flat.numel(), CHUNK_ELEMENTS)):
             return True
         nan, inf = int(torch.isnan(w).sum()), int(torch.isinf(w).sum())
         if nan:

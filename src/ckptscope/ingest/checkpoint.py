@@ -6,10 +6,10 @@ single or sharded safetensors (`model.safetensors`, or shards listed by
 or `pytorch_model.bin.index.json`). When both formats are present, safetensors wins and the
 `.bin` files are never opened.
 
-Memory stays near the size of one tensor: safetensors are read with a seek and one read of
-exactly that tensor's bytes (no mmap, so untouched pages never count against RSS), and
-`.bin` files are opened with `torch.load(weights_only=True, mmap=True)` so only the tensor
-asked for is paged in. `weights_only=True` means a pickle that needs arbitrary objects is
+Memory stays near the size of one tensor: safetensors are read with a seek and one
+`readinto` of exactly that tensor's bytes into the tensor itself (no mmap, no second copy),
+and `.bin` files are mapped with `torch.load(weights_only=True, mmap=True)` afresh for each
+read, so only the tensor asked for is paged in and its pages go when the map is dropped. `weights_only=True` means a pickle that needs arbitrary objects is
 refused, never executed.
 """
 
@@ -161,7 +161,6 @@ class Checkpoint:
         if not self.path.is_dir():
             raise SourceError(f"{self.path}: checkpoint directory does not exist")
         self.format, self.files = weight_files(self.path)
-        self._bin_states: dict[Path, dict[str, torch.Tensor]] = {}
 
     @cached_property
     def config(self) -> dict | None:
@@ -182,34 +181,27 @@ class Checkpoint:
             if self.format == "safetensors":
                 found = _read_safetensors_header(file)
             else:
-                state = self._bin_state(file)
-                found = [
-                    TensorInfo(n, tuple(t.shape), str(t.dtype).removeprefix("torch."), file)
-                    for n, t in state.items()
-                ]
+                found = [TensorInfo(n, tuple(t.shape), str(t.dtype).removeprefix("torch."), file)
+                         for n, t in _load_bin(file).items()]
             for info in found:
                 infos[info.name] = info
         return infos
-
-    def _bin_state(self, file: Path) -> dict[str, torch.Tensor]:
-        if file not in self._bin_states:
-            self._bin_states[file] = _load_bin(file)
-        return self._bin_states[file]
 
     def read(self, name: str) -> torch.Tensor:
         """Read one tensor into memory in its stored dtype."""
         info = self.tensors[name]
         if self.format == "bin":
-            return self._bin_state(info.file)[name].clone()
-        with open(info.file, "rb") as fh:
-            fh.seek(info.offset)
-            buf = bytearray(fh.read(info.nbytes))
-        if len(buf) != info.nbytes:
-            raise SourceError(f"{info.file}: truncated while reading {name!r}; re-download it")
-        dtype = getattr(torch, info.dtype)
-        if info.nbytes == 0:
-            return torch.empty(info.shape, dtype=dtype)
-        return torch.frombuffer(buf, dtype=dtype).reshape(info.shape)
+            # A fresh map per read: the pages of this tensor are released when the map is dropped,
+            # instead of accumulating in RSS for the whole checkpoint.
+            return _load_bin(info.file)[name].clone()
+        out = torch.empty(info.shape, dtype=getattr(torch, info.dtype))
+        if info.nbytes:  # read straight into the tensor: no second copy of its bytes
+            with open(info.file, "rb") as fh:
+                fh.seek(info.offset)
+                got = fh.readinto(memoryview(out.view(-1).view(torch.uint8).numpy()))
+            if got != info.nbytes:
+                raise SourceError(f"{info.file}: truncated while reading {name!r}; re-download it")
+        return out
 
     def content_hash(self) -> str:
         """sha256 over the weight files' bytes in name order: equal hashes mean byte-identical weights."""
@@ -221,8 +213,7 @@ class Checkpoint:
         return digest.hexdigest()
 
     def close(self) -> None:
-        """Drop memory maps of `.bin` files so their pages can be released."""
-        self._bin_states.clear()
+        """Nothing stays open between reads; kept so callers can release a checkpoint uniformly."""
 
     def __repr__(self) -> str:
         return f"Checkpoint(step={self.step}, path={str(self.path)!r}, format={self.format!r})"
