@@ -38,34 +38,29 @@ MATRIX_METRICS = [*BASE, "log_norm", "log_spectral_norm", "alpha", "alpha_weight
 VECTOR_METRICS = ["l2_norm", "mean", "std", "max_abs"]
 
 
-def _matrices() -> list[tuple[str, int | None, str]]:
-    """(tensor, layer, component) of every analyzed matrix; q/k/v are parts of the fused tensor."""
-    out = [("gpt_neox.embed_in.weight", None, "embed"), ("embed_out.weight", None, "unembed")]
-    for layer in range(LAYERS):
-        for comp in MATRIX:
-            out.append((f"gpt_neox.layers.{layer}.{TENSOR.get(comp, TENSOR['attn.qkv'])}.weight", layer, comp))
-    return out
-
-
-def _checkpoint(model: str, step: int, rng: np.random.Generator) -> CheckpointRows:
-    progress = math.log1p(step) / math.log1p(STEPS[-1])
+def synthetic_checkpoint(model: str, step: int, rng: np.random.Generator, *, layers: int = LAYERS,
+                         last_step: int = STEPS[-1], spectra: bool = True) -> CheckpointRows:
+    """One step of a `layers`-deep GPT-NeoX with the rows the weight analyzer writes (values synthetic)."""
+    progress = math.log1p(step) / math.log1p(last_step)
     run = RunRows(analyzer="weights", version="1.0.0", parameters={"rtol": 1e-3}, dtype="float64", backend="synthetic")
-    matrices = _matrices()
-    for tensor, layer, comp in matrices:
-        depth = (layer or 0) / LAYERS
-        values = 5 + 20 * depth * progress + rng.normal(0, 0.3, len(MATRIX_METRICS))
-        run.add_metrics(tensor, layer, comp, dict(zip(MATRIX_METRICS, values.tolist())))
-        sv = np.sort(rng.pareto(2 + 3 * (1 - progress), SV) + 0.05)[::-1]
-        for kind in ("weight", "delta_init"):
-            run.add_spectrum(tensor, layer, comp, kind, (512, 512), sv)
+    matrices = [("gpt_neox.embed_in.weight", None, "embed"), ("embed_out.weight", None, "unembed")]
+    matrices += [(f"gpt_neox.layers.{layer}.{TENSOR.get(comp, TENSOR['attn.qkv'])}.weight", layer, comp)
+                 for layer in range(layers) for comp in MATRIX]  # q/k/v are parts of the fused tensor
     vectors = [(f"gpt_neox.layers.{layer}.{name}", layer, "norm" if "norm" in name else "bias")
-               for layer in range(LAYERS) for name in VECTORS]
-    for tensor, layer, comp in vectors:
-        run.add_metrics(tensor, layer, comp, dict(zip(VECTOR_METRICS, rng.normal(1, 0.1, 4).tolist())))
-    stored = [(t, la, c) for t, la, c in matrices if c not in ("attn.q", "attn.k", "attn.v")] + vectors
-    tensors = {"tensor": [t for t, _, _ in stored], "layer": [la for _, la, _ in stored],
-               "component": [c for _, _, c in stored], "shape": [[512, 512] if c not in ("norm", "bias") else [512] for _, _, c in stored],
-               "dtype": ["float16"] * len(stored)}
+               for layer in range(layers) for name in VECTORS]
+    depth = np.array([(layer or 0) / layers for _, layer, _ in matrices])[:, None]
+    values = 5 + 20 * depth * progress + rng.normal(0, 0.3, (len(matrices), len(MATRIX_METRICS)))
+    for (tensor, layer, comp), row in zip(matrices, values.tolist()):
+        run.add_metrics(tensor, layer, comp, dict(zip(MATRIX_METRICS, row)))
+        if spectra:
+            sv = np.sort(rng.pareto(2 + 3 * (1 - progress), SV) + 0.05)[::-1]
+            for kind in ("weight", "delta_init"):
+                run.add_spectrum(tensor, layer, comp, kind, (512, 512), sv)
+    for (tensor, layer, comp), row in zip(vectors, rng.normal(1, 0.1, (len(vectors), len(VECTOR_METRICS))).tolist()):
+        run.add_metrics(tensor, layer, comp, dict(zip(VECTOR_METRICS, row)))
+    stored = [m for m in matrices if m[2] not in ("attn.q", "attn.k", "attn.v")] + vectors
+    tensors = {"tensor": [t for t, _, _ in stored], "layer": [la for _, la, _ in stored], "component": [c for _, _, c in stored],
+               "shape": [[512] if c in ("norm", "bias") else [512, 512] for _, _, c in stored], "dtype": ["float16"] * len(stored)}
     return CheckpointRows(model=model, step=step, tokens=step * 2_097_152, revision=f"step{step}", source=f"/synthetic/{model}",
                           content_hash=f"{model}-{step}", tensors=tensors, runs=[run])
 
@@ -79,7 +74,7 @@ def synthesize(path: Path) -> float:
             row = ModelRow(source=f"/synthetic/{model}", architecture="gpt_neox", num_layers=LAYERS,
                            num_parameters=160_000_000, tokens_per_step=2_097_152, config=None)
             for j, step in enumerate(STEPS):
-                db.write_checkpoint(_checkpoint(model, step, rng), model=row if j == 0 else None)
+                db.write_checkpoint(synthetic_checkpoint(model, step, rng), model=row if j == 0 else None)
     return time.perf_counter() - start
 
 

@@ -33,10 +33,10 @@ from pathlib import Path
 
 import duckdb
 import numpy as np
-from bench_report import MATRIX, MATRIX_METRICS, TENSOR, VECTOR_METRICS, VECTORS
+from bench_report import synthetic_checkpoint
 
 import ckptscope
-from ckptscope.store.db import CheckpointRows, ModelRow, RunRows, Store
+from ckptscope.store.db import ModelRow, Store
 
 DEPTHS = {"70m": 6, "160m": 12, "410m": 24, "1b": 16, "1.4b": 24, "2.8b": 32, "6.9b": 32, "12b": 36}
 STEPS = [0, *(2**k for k in range(10)), *range(1000, 143001, 1000)]  # Pythia's 154 revisions
@@ -54,28 +54,6 @@ QUERIES = {
 }
 
 
-def _checkpoint(model: str, layers: int, step: int, rng: np.random.Generator) -> CheckpointRows:
-    """One step of a `layers`-deep GPT-NeoX as the weight analyzer writes it (no spectra)."""
-    progress = np.log1p(step) / np.log1p(STEPS[-1])
-    run = RunRows(analyzer="weights", version="1.0.0", parameters={"rtol": 1e-3}, dtype="float64", backend="synthetic")
-    matrices = [("gpt_neox.embed_in.weight", None, "embed"), ("embed_out.weight", None, "unembed")]
-    matrices += [(f"gpt_neox.layers.{layer}.{TENSOR.get(comp, TENSOR['attn.qkv'])}.weight", layer, comp)
-                 for layer in range(layers) for comp in MATRIX]
-    vectors = [(f"gpt_neox.layers.{layer}.{name}", layer, "norm" if "norm" in name else "bias")
-               for layer in range(layers) for name in VECTORS]
-    depth = np.array([(layer or 0) / layers for _, layer, _ in matrices])[:, None]
-    values = 5 + 20 * depth * progress + rng.normal(0, 0.3, (len(matrices), len(MATRIX_METRICS)))
-    for (tensor, layer, comp), row in zip(matrices, values.tolist()):
-        run.add_metrics(tensor, layer, comp, dict(zip(MATRIX_METRICS, row)))
-    for (tensor, layer, comp), row in zip(vectors, rng.normal(1, 0.1, (len(vectors), len(VECTOR_METRICS))).tolist()):
-        run.add_metrics(tensor, layer, comp, dict(zip(VECTOR_METRICS, row)))
-    stored = [m for m in matrices if m[2] not in ("attn.q", "attn.k", "attn.v")] + vectors
-    tensors = {"tensor": [t for t, _, _ in stored], "layer": [la for _, la, _ in stored], "component": [c for _, _, c in stored],
-               "shape": [[512] if c in ("norm", "bias") else [512, 512] for _, _, c in stored], "dtype": ["float16"] * len(stored)}
-    return CheckpointRows(model=model, step=step, tokens=step * 2_097_152, revision=f"step{step}", source=f"/synthetic/{model}",
-                          content_hash=f"{model}-{step}", tensors=tensors, runs=[run])
-
-
 def synthesize(path: Path) -> float:
     start = time.perf_counter()
     rng = np.random.default_rng(0)
@@ -84,7 +62,8 @@ def synthesize(path: Path) -> float:
             row = ModelRow(source=f"/synthetic/{model}", architecture="gpt_neox", num_layers=layers, num_parameters=None,
                            tokens_per_step=2_097_152, config=None)
             for j, step in enumerate(STEPS):
-                db.write_checkpoint(_checkpoint(model, layers, step, rng), model=row if j == 0 else None)
+                rows = synthetic_checkpoint(model, step, rng, layers=layers, last_step=STEPS[-1], spectra=False)
+                db.write_checkpoint(rows, model=row if j == 0 else None)
     return time.perf_counter() - start
 
 
