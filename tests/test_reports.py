@@ -236,12 +236,17 @@ def test_two_models_compared_at_relative_depth(two_models, browser, tmp_path):
     assert bins.rows() == [("deep-4L", 0), ("deep-4L", 1), ("deep-4L", 2), ("deep-4L", 3), ("shallow-2L", 0), ("shallow-2L", 2)]
 
 
-def test_convergence_and_memorization(convergence_store, browser, tmp_path):
-    report = build_report(convergence_store, tmp_path / "conv.html", metrics=["alpha"])
-    info = open_report(browser, report, tmp_path / "conv.png")
-    assert_renders_cleanly(info, tmp_path / "conv.png", min_charts=10)
+def assert_activation_sections(store: Path, browser, tmp_path: Path, name: str, metric: str, min_charts: int) -> None:
+    """Render, open in the browser, and find the convergence and memorization sections drawn."""
+    report = build_report(store, tmp_path / f"{name}.html", metrics=[metric])
+    info = open_report(browser, report, tmp_path / f"{name}.png")
+    assert_renders_cleanly(info, tmp_path / f"{name}.png", min_charts=min_charts)
     titles = section_titles(browser)
     assert "Convergence" in titles and "Memorization" in titles
+
+
+def test_convergence_and_memorization(convergence_store, browser, tmp_path):
+    assert_activation_sections(convergence_store, browser, tmp_path, "conv", "alpha", min_charts=10)
     with ckptscope.Store(convergence_store, read_only=True) as db:
         got = db.sql(q.stabilization_sql(["deep-4L", "shallow-2L"]))
         steps = {m: db.sql(f"SELECT step FROM checkpoints WHERE model = '{m}' ORDER BY step")["step"].to_list()
@@ -264,11 +269,7 @@ def test_report_from_real_activation_analyzers(browser, tmp_path):
     store = tmp_path / "real.duckdb"
     ckptscope.ingest(suite, store=store, name="demo-neox", steps="0,512,2000", analyzers="weights,convergence,memorization",
                      probe=suite / "probe.jsonl", corpus=suite / "canaries.jsonl")
-    report = build_report(store, tmp_path / "real.html", metrics=["stable_rank"])
-    info = open_report(browser, report, tmp_path / "real.png")
-    assert_renders_cleanly(info, tmp_path / "real.png", min_charts=6)
-    titles = section_titles(browser)
-    assert "Convergence" in titles and "Memorization" in titles
+    assert_activation_sections(store, browser, tmp_path, "real", "stable_rank", min_charts=6)
     with ckptscope.Store(store, read_only=True) as db:
         assert db.sql("SELECT count(*) FROM stabilization").item() == 12  # 4 layers x resid, attn_out, mlp_out
 

@@ -106,11 +106,7 @@ def plan_ingest(src: Source, *, name: str | None, steps: str | None, max_steps: 
     plan = Plan(name or src.default_name, src, available, list(selected), None, "unknown", {})
     if src.kind == "local":
         for step in selected:
-            ckpt = src.open(available[step])
-            try:
-                plan.adopt(ckpt)
-            finally:
-                ckpt.close()
+            plan.adopt(src.open(available[step]))
     return plan
 
 
@@ -251,7 +247,7 @@ class _Checkpoints:
 
     def keep_only(self, steps: set[int]) -> None:
         for step in [s for s in self.open if s not in steps]:
-            self.open.pop(step).close()
+            del self.open[step]
             self.source.release(self.refs[step])
 
 

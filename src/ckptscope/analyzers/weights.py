@@ -30,7 +30,8 @@ CHUNK_ELEMENTS = 1 << 22  # float64 elements per chunk: 32 MB
 class _Pass:
     """Accumulated statistics of one matrix against its references."""
 
-    gram: torch.Tensor
+    gram: torch.Tensor | None
+    sq_w: float = 0.0
     gram_init: torch.Tensor | None = None
     gram_prev: torch.Tensor | None = None
     sq_first: float = 0.0
@@ -41,14 +42,17 @@ class _Pass:
 
 
 def _one_pass(w: torch.Tensor, first: torch.Tensor | None, prev: torch.Tensor | None,
-              final: torch.Tensor | None, device: str) -> _Pass:
-    """Chunk along the longer side so the Gram matrix is of the shorter side."""
+              final: torch.Tensor | None, device: str, *, spectrum: bool = True) -> _Pass:
+    """Chunk along the longer side so the Gram matrix is of the shorter side.
+
+    Without `spectrum` (re-basing `final_*` rows) no Gram matrix of W is built: only norms and dots.
+    """
     if w.shape[0] < w.shape[1]:
         w, first, prev, final = (t.T if t is not None else None for t in (w, first, prev, final))
     n = w.shape[1]
     f64 = dict(dtype=torch.float64, device=device, memory_format=torch.contiguous_format)
     zeros = lambda: torch.zeros(n, n, dtype=torch.float64, device=device)  # noqa: E731
-    acc = _Pass(gram=zeros())
+    acc = _Pass(gram=zeros() if spectrum else None)
     if first is not None:
         acc.gram_init = zeros()
     if prev is not None:
@@ -69,7 +73,9 @@ def _one_pass(w: torch.Tensor, first: torch.Tensor | None, prev: torch.Tensor | 
             acc.sq_final += _sq(b)
             acc.dot_final += float(torch.dot(a.reshape(-1), b.reshape(-1)))
             acc.sq_diff_final += _sq(a - b)
-        acc.gram.addmm_(a.T, a)
+        acc.sq_w += _sq(a)
+        if acc.gram is not None:
+            acc.gram.addmm_(a.T, a)
     return acc
 
 
@@ -93,8 +99,8 @@ def _finite(values: dict[str, float]) -> dict[str, float]:
     return {k: v for k, v in values.items() if v is not None and math.isfinite(v)}
 
 
-def _final_metrics(acc: _Pass, sq_w: float) -> dict[str, float]:
-    denom = math.sqrt(sq_w * acc.sq_final)
+def _final_metrics(acc: _Pass) -> dict[str, float]:
+    denom = math.sqrt(acc.sq_w * acc.sq_final)
     return {
         "final_cosine": acc.dot_final / denom if denom > 0 else math.nan,
         "final_relative_distance": math.sqrt(acc.sq_diff_final / acc.sq_final) if acc.sq_final > 0 else math.nan,
@@ -209,17 +215,16 @@ class WeightAnalyzer:
                 ctx: AnalysisContext, out: RunRows, *, final_only: bool) -> None:
         w = m["w"].to(ctx.device)
         move = lambda t: t.to(ctx.device) if t is not None else None  # noqa: E731
-        acc = _one_pass(w, move(m["first"]), move(m["previous"]), move(m["final"]), ctx.device)
-        sv = singular_values_from_gram(acc.gram)
-        sq_w = float((sv**2).sum())
+        acc = _one_pass(w, move(m["first"]), move(m["previous"]), move(m["final"]), ctx.device, spectrum=not final_only)
         values: dict[str, float] = {}
         if final_only:
             if m["final"] is not None:
-                values.update(_final_metrics(acc, sq_w))
+                values.update(_final_metrics(acc))
             elif ctx.final is None:  # re-basing the final step itself
                 values.update({"final_cosine": 1.0, "final_relative_distance": 0.0})
             out.add_metrics(name, role.layer, component, _finite(values))
             return
+        sv = singular_values_from_gram(acc.gram)
         shape = tuple(w.shape)
         values.update(rank_norm_metrics(sv, rtol=self.rtol))
         values.update(heavy_tail_metrics(sv))
@@ -230,13 +235,13 @@ class WeightAnalyzer:
             if "delta_init" in self.spectra:
                 out.add_spectrum(name, role.layer, component, "delta_init", shape, sv_init)
         elif ctx.first is None:  # this is the first step: ΔW = 0 exactly
-            values.update(self._delta("delta_init_", torch.zeros(1, dtype=torch.float64).numpy(), sq_w))
+            values.update(self._delta("delta_init_", torch.zeros(1, dtype=torch.float64).numpy(), acc.sq_w))
         if (sv_prev := _sv(acc.gram_prev)) is not None:
             values.update(self._delta("delta_prev_", sv_prev, acc.sq_prev))
             if "delta_prev" in self.spectra:
                 out.add_spectrum(name, role.layer, component, "delta_prev", shape, sv_prev)
         if m["final"] is not None:
-            values.update(_final_metrics(acc, sq_w))
+            values.update(_final_metrics(acc))
         elif ctx.final is None:  # this is the final step
             values.update({"final_cosine": 1.0, "final_relative_distance": 0.0})
         out.add_metrics(name, role.layer, component, _finite(values))

@@ -212,8 +212,5 @@ class Checkpoint:
                     digest.update(chunk)
         return digest.hexdigest()
 
-    def close(self) -> None:
-        """Nothing stays open between reads; kept so callers can release a checkpoint uniformly."""
-
     def __repr__(self) -> str:
         return f"Checkpoint(step={self.step}, path={str(self.path)!r}, format={self.format!r})"
