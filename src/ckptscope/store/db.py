@@ -21,7 +21,8 @@ import pyarrow as pa
 
 from ckptscope.errors import StoreError
 
-SCHEMA_VERSION = "1"
+SCHEMA_VERSION = "2"
+READABLE_VERSIONS = {"1", "2"}  # v1 lacks the tier columns; it is upgraded when first written to
 DEFAULT_STORE = "ckptscope.duckdb"
 READ_STATEMENTS = {"SELECT", "EXPLAIN"}
 RUN_TABLES = ("metric_values", "spectra", "memorization", "anomalies", "runs")  # rows owned by a run
@@ -49,21 +50,21 @@ class RunRows:
     parameters: dict[str, Any]
     dtype: str
     backend: str
-    metrics: dict[str, list] = field(default_factory=lambda: {k: [] for k in ("tensor", "layer", "component", "metric", "value")})
-    spectra: dict[str, list] = field(default_factory=lambda: {k: [] for k in ("tensor", "layer", "component", "kind", "rows", "cols", "sv")})
+    metrics: dict[str, list] = field(default_factory=lambda: {k: [] for k in ("tensor", "layer", "component", "metric", "value", "tier")})
+    spectra: dict[str, list] = field(default_factory=lambda: {k: [] for k in ("tensor", "layer", "component", "kind", "rows", "cols", "sv", "tier")})
     anomalies: list[tuple[str | None, str, str]] = field(default_factory=list)
     tables: dict[str, dict[str, list]] = field(default_factory=dict)  # analyzer-specific tables, e.g. memorization
 
-    def add_metrics(self, tensor: str, layer: int | None, component: str, values: dict[str, float]) -> None:
+    def add_metrics(self, tensor: str, layer: int | None, component: str, values: dict[str, float],
+                    tier: str | None = None) -> None:
+        """`tier` says how a matrix's spectrum was obtained (exact | fast | none); None for other rows."""
         for metric, value in values.items():
-            self.metrics["tensor"].append(tensor)
-            self.metrics["layer"].append(layer)
-            self.metrics["component"].append(component)
-            self.metrics["metric"].append(metric)
-            self.metrics["value"].append(float(value))
+            for key, item in zip(self.metrics, (tensor, layer, component, metric, float(value), tier)):
+                self.metrics[key].append(item)
 
-    def add_spectrum(self, tensor: str, layer: int | None, component: str, kind: str, shape: tuple[int, int], sv) -> None:
-        for key, value in zip(self.spectra, (tensor, layer, component, kind, shape[0], shape[1], [float(x) for x in sv])):
+    def add_spectrum(self, tensor: str, layer: int | None, component: str, kind: str, shape: tuple[int, int], sv,
+                     tier: str = "exact") -> None:
+        for key, value in zip(self.spectra, (tensor, layer, component, kind, shape[0], shape[1], [float(x) for x in sv], tier)):
             self.spectra[key].append(value)
 
 
@@ -146,18 +147,35 @@ class Store:
     def _migrate(self) -> None:
         existing = self._scalar("SELECT count(*) FROM information_schema.tables WHERE table_name = 'meta'")
         if existing:  # an existing store is left byte-identical until something is written
-            self._check_version()
+            if self._check_version() == "1":
+                self._upgrade_from_v1()
             return
         self.con.execute(files("ckptscope.store").joinpath("schema.sql").read_text())
         self.con.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", [SCHEMA_VERSION])
 
-    def _check_version(self) -> None:
+    def _upgrade_from_v1(self) -> None:
+        """v1 → v2: add the `tier` columns (NULL for old rows) and re-create the views that show them."""
+        con = self.con
+        con.begin()
+        try:
+            for table in ("metric_values", "spectra"):
+                con.execute(f"ALTER TABLE {table} ADD COLUMN tier VARCHAR")
+            views = files("ckptscope.store").joinpath("schema.sql").read_text().split("CREATE OR REPLACE VIEW metrics AS", 1)[1]
+            con.execute("CREATE OR REPLACE VIEW metrics AS" + views)
+            con.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", [SCHEMA_VERSION])
+            con.commit()
+        except BaseException:
+            con.rollback()
+            raise
+
+    def _check_version(self) -> str | None:
         try:
             version = self._scalar("SELECT value FROM meta WHERE key = 'schema_version'")
         except duckdb.CatalogException:
             raise StoreError(f"{self.path} is not a ckptscope store (no meta table); pass the right --store") from None
-        if version is not None and version != SCHEMA_VERSION:
+        if version is not None and version not in READABLE_VERSIONS:
             raise StoreError(f"store {self.path} has schema version {version}, this ckptscope writes {SCHEMA_VERSION}; upgrade ckptscope")
+        return version
 
     # -- reading ---------------------------------------------------------------------------
     def sql(self, query: str, params: list | None = None) -> pl.DataFrame:

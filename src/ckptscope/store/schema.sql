@@ -1,4 +1,4 @@
--- ckptscope store schema, version 1. A public API: every table and view is documented in README.md.
+-- ckptscope store schema, version 2. A public API: every table and view is documented in README.md.
 
 CREATE TABLE IF NOT EXISTS meta (
     key   VARCHAR PRIMARY KEY,
@@ -66,7 +66,8 @@ CREATE TABLE IF NOT EXISTS metric_values (
     layer     INTEGER,
     component VARCHAR NOT NULL,
     metric    VARCHAR NOT NULL,
-    value     DOUBLE
+    value     DOUBLE,
+    tier      VARCHAR                   -- how a matrix's spectrum was obtained: exact | fast | none; NULL otherwise
 );
 
 -- Singular values (descending) of every analyzed matrix: of W itself (kind 'weight'),
@@ -81,7 +82,8 @@ CREATE TABLE IF NOT EXISTS spectra (
     kind      VARCHAR NOT NULL,
     rows      BIGINT NOT NULL,          -- oriented (out, in) shape of the matrix
     cols      BIGINT NOT NULL,
-    sv        DOUBLE[] NOT NULL
+    sv        DOUBLE[] NOT NULL,        -- all min(rows, cols) values (tier exact) or the top k (tier fast)
+    tier      VARCHAR
 );
 
 -- Problems found while ingesting; they never stop a run.
@@ -109,7 +111,7 @@ CREATE TABLE IF NOT EXISTS memorization (
 
 CREATE OR REPLACE VIEW metrics AS
 SELECT v.model, v.step, c.tokens, v.layer, v.component, v.tensor, v.metric, v.value,
-       r.analyzer, r.version AS analyzer_version, v.run_id
+       r.analyzer, r.version AS analyzer_version, v.tier, v.run_id
 FROM metric_values v
 JOIN runs r USING (run_id)
 LEFT JOIN checkpoints c ON c.model = v.model AND c.step = v.step;
