@@ -30,6 +30,7 @@ import torch
 from safetensors.torch import save_file
 
 import ckptscope
+from ckptscope.analyzers.parallel import ordered_map
 from ckptscope.analyzers.spectral import heavy_tail_metrics, rank_norm_metrics, singular_values
 from ckptscope.ingest.checkpoint import Checkpoint
 
@@ -82,14 +83,15 @@ def run_weightwatcher(model: torch.nn.Module):
 
 
 def run_ckptscope_common(path: Path, names: list[str]) -> dict[str, dict[str, float]]:
+    """WeightWatcher's metrics on its matrices, read from disk, as the weight analyzer runs them (`ordered_map`)."""
     ck = Checkpoint(path, step=1000)
-    out = {}
-    for name in names:
+
+    def metrics(name: str) -> dict[str, float]:
         sv = singular_values(ck.read(name))
-        values = rank_norm_metrics(sv)
-        values.update(heavy_tail_metrics(sv))
-        out[name] = values
-    return out
+        return {**rank_norm_metrics(sv), **heavy_tail_metrics(sv)}
+
+    jobs = ordered_map(names, metrics, lambda n: ck.tensors[n].nbytes, threads=torch.get_num_threads())
+    return dict(jobs)
 
 
 def compare(details, ours: dict[str, dict[str, float]]) -> tuple[int, int, float, float]:

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from ckptscope.analyzers.spectral import (
     PowerLawFit,
+    add_gram_,
     fit_power_law,
     gram,
     heavy_tail_metrics,
@@ -80,6 +81,16 @@ def test_gram_chunked_equals_unchunked(shape: tuple[int, int], dtype: torch.dtyp
     assert g_small.device == w.device
     torch.testing.assert_close(g_small, g_big, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(g_big, expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("side", [255, 256, 257, 600, 1031])
+def test_add_gram_lower_triangle_equals_the_full_product(side: int) -> None:
+    a = torch.randn(side + 40, side, generator=torch.Generator().manual_seed(side), dtype=torch.float64)
+    g = torch.full((side, side), 0.5, dtype=torch.float64)
+    add_gram_(g, a)
+    expected = 0.5 + a.T @ a
+    torch.testing.assert_close(g.tril(), expected.tril(), rtol=1e-13, atol=1e-12)
+    torch.testing.assert_close(gram(a), a.T @ a, rtol=1e-13, atol=1e-12)  # gram() mirrors it
 
 
 def test_gram_input_checks_and_no_grad() -> None:
