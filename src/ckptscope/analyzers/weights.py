@@ -11,71 +11,90 @@ anomalies and skipped, never fatal.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from functools import reduce
 from typing import Any
 
+import numpy as np
 import torch
 
 from ckptscope.analyzers.base import AnalysisContext
-from ckptscope.analyzers.spectral import heavy_tail_metrics, rank_norm_metrics, singular_values_from_gram, vector_metrics
+from ckptscope.analyzers.fast_spectrum import fast_spectrum
+from ckptscope.analyzers.parallel import ordered_map
+from ckptscope.analyzers.spectral import add_gram_, heavy_tail_metrics, rank_norm_metrics, singular_values_from_gram, vector_metrics
+from ckptscope.errors import CkptscopeError
 from ckptscope.ingest.checkpoint import Checkpoint
 from ckptscope.ingest.layers import Role, classify, is_buffer, orient, split_qkv
 from ckptscope.store.db import RunRows
 
 FINAL_METRICS = ("final_cosine", "final_relative_distance")
 CHUNK_ELEMENTS = 1 << 22  # float64 elements per chunk: 32 MB
+TIERS = ("exact", "fast", "none")
+EXACT_MAX_SIDE = 4096  # tier exact falls back to fast above this smaller side (an eigensolve is O(side³))
 
 
 @dataclass
 class _Pass:
-    """Accumulated statistics of one matrix against its references."""
+    """Accumulated statistics of one matrix against its references.
 
-    gram: torch.Tensor | None
-    sq_w: float = 0.0
+    Every field is a sum over rows of the (tall-oriented) matrix, so the passes of a row
+    partition add up to the pass of the whole: a fused QKV matrix costs nothing beyond its parts.
+    Gram matrices hold their lower triangle only (see `add_gram_`).
+    """
+
+    gram: torch.Tensor | None = None
     gram_init: torch.Tensor | None = None
     gram_prev: torch.Tensor | None = None
+    sq_w: float = 0.0
     sq_first: float = 0.0
     sq_prev: float = 0.0
     sq_final: float = 0.0
+    sq_diff_first: float = 0.0
+    sq_diff_prev: float = 0.0
     dot_final: float = 0.0
     sq_diff_final: float = 0.0
 
+    def __add__(self, other: _Pass) -> _Pass:
+        def add(a, b):
+            return None if a is None or b is None else a + b
+        return _Pass(**{f.name: add(getattr(self, f.name), getattr(other, f.name)) for f in fields(self)})
+
 
 def _one_pass(w: torch.Tensor, first: torch.Tensor | None, prev: torch.Tensor | None,
-              final: torch.Tensor | None, device: str, *, spectrum: bool = True) -> _Pass:
-    """Chunk along the longer side so the Gram matrix is of the shorter side.
+              final: torch.Tensor | None, device: str, *, grams: bool = True) -> _Pass:
+    """Chunk along the longer side so the Gram matrices are of the shorter side.
 
-    Without `spectrum` (re-basing `final_*` rows) no Gram matrix of W is built: only norms and dots.
+    Without `grams` (tiers fast and none, re-basing `final_*` rows) only norms and dots are taken.
     """
     if w.shape[0] < w.shape[1]:
         w, first, prev, final = (t.T if t is not None else None for t in (w, first, prev, final))
     n = w.shape[1]
     f64 = dict(dtype=torch.float64, device=device, memory_format=torch.contiguous_format)
-    zeros = lambda: torch.zeros(n, n, dtype=torch.float64, device=device)  # noqa: E731
-    acc = _Pass(gram=zeros() if spectrum else None)
-    if first is not None:
-        acc.gram_init = zeros()
-    if prev is not None:
-        acc.gram_prev = zeros()
+    zeros = lambda: torch.zeros(n, n, dtype=torch.float64, device=device) if grams else None  # noqa: E731
+    acc = _Pass(gram=zeros(), gram_init=zeros() if first is not None else None, gram_prev=zeros() if prev is not None else None)
     step = max(1, CHUNK_ELEMENTS // max(n, 1))
     for s in range(0, w.shape[0], step):
         a = w[s : s + step].to(**f64)
         if first is not None:
             b = first[s : s + step].to(**f64)
             acc.sq_first += _sq(b)
-            acc.gram_init.addmm_((d := a - b).T, d)
+            acc.sq_diff_first += _sq(d := a - b)
+            if grams:
+                add_gram_(acc.gram_init, d)
         if prev is not None:
             b = prev[s : s + step].to(**f64)
             acc.sq_prev += _sq(b)
-            acc.gram_prev.addmm_((d := a - b).T, d)
+            acc.sq_diff_prev += _sq(d := a - b)
+            if grams:
+                add_gram_(acc.gram_prev, d)
         if final is not None:
             b = final[s : s + step].to(**f64)
             acc.sq_final += _sq(b)
             acc.dot_final += float(torch.dot(a.reshape(-1), b.reshape(-1)))
             acc.sq_diff_final += _sq(a - b)
         acc.sq_w += _sq(a)
-        if acc.gram is not None:
-            acc.gram.addmm_(a.T, a)
+        if grams:
+            add_gram_(acc.gram, a)
     return acc
 
 
@@ -107,23 +126,49 @@ def _final_metrics(acc: _Pass) -> dict[str, float]:
     }
 
 
+def _merge(out: RunRows, part: RunRows) -> None:
+    for table, columns in ((out.metrics, part.metrics), (out.spectra, part.spectra)):
+        for key, values in columns.items():
+            table[key].extend(values)
+    out.anomalies.extend(part.anomalies)
+
+
 class WeightAnalyzer:
-    """Spectral, rank, norm, update and weight-space convergence statistics per tensor."""
+    """Spectral, rank, norm, update and weight-space convergence statistics per tensor.
+
+    `spectrum` picks how singular values are obtained (recorded per row as `tier`): `exact`
+    (float64 Gram eigensolve; matrices whose smaller side exceeds `exact_max_side` fall back to
+    `fast`), `fast` (matrix-free Krylov methods: top-`fast_k` spectrum, spectral norm, estimated
+    effective rank; no alpha) or `none` (Frobenius norms, distances and cosines only).
+    """
 
     name = "weights"
     uses_references = True  # deltas need the first and previous steps, convergence the final
-    version = "1.0.0"
+    version = "1.1.0"
 
-    def __init__(self, *, rtol: float = 1e-3, spectra: tuple[str, ...] = ("weight", "delta_init")) -> None:
-        self.rtol = rtol
-        self.spectra = spectra
+    def __init__(self, *, rtol: float = 1e-3, spectra: tuple[str, ...] = ("weight", "delta_init"),
+                 spectrum: str = "exact", exact_max_side: int = EXACT_MAX_SIDE, fast_k: int = 32) -> None:
+        if spectrum not in TIERS:
+            raise CkptscopeError(f"--spectrum {spectrum!r} is not a tier; choose from: {', '.join(TIERS)}")
+        if exact_max_side < 1 or fast_k < 1:
+            raise CkptscopeError("--exact-max-side and the fast tier's k must be positive")
+        self.rtol, self.spectra, self.spectrum = rtol, spectra, spectrum
+        self.exact_max_side, self.fast_k = exact_max_side, fast_k
 
     @classmethod
-    def from_options(cls, rtol: float = 1e-3, **_: Any) -> WeightAnalyzer:
-        return cls(rtol=rtol)
+    def from_options(cls, rtol: float = 1e-3, spectrum: str = "exact", exact_max_side: int = EXACT_MAX_SIDE,
+                     **_: Any) -> WeightAnalyzer:
+        return cls(rtol=rtol, spectrum=spectrum, exact_max_side=exact_max_side)
 
     def parameters(self) -> dict[str, Any]:
-        return {"rtol": self.rtol, "alpha_thresh": 1e-5, "spectrum": "exact", "spectra_stored": list(self.spectra)}
+        return {"rtol": self.rtol, "alpha_thresh": 1e-5, "spectrum": self.spectrum, "exact_max_side": self.exact_max_side,
+                "fast_k": self.fast_k, "spectra_stored": list(self.spectra)}
+
+    def tier(self, shape: tuple[int, ...]) -> str:
+        """The tier a matrix of this (2-D) shape is analyzed with."""
+        if self.spectrum == "exact" and min(shape) > self.exact_max_side:
+            return "fast"
+        return self.spectrum
 
     @staticmethod
     def _backend(device: str) -> str:
@@ -136,38 +181,55 @@ class WeightAnalyzer:
         return RunRows(self.name, self.version, params, "float64", self._backend(ctx.device))
 
     def analyze(self, ctx: AnalysisContext) -> RunRows:
-        out = self._run_rows(ctx)
-        for name, info in ctx.checkpoint.tensors.items():
-            if is_buffer(name) or not info.dtype.startswith(("float", "bfloat")):
-                continue
-            ctx.on_tensor(name)
-            self._tensor(ctx, name, out, final_only=False)
-        return out
+        return self._all(ctx, final_only=False)
 
     def refresh_final(self, ctx: AnalysisContext) -> RunRows:
         """Only the `final_*` rows, for steps ingested before a later final step arrived."""
+        return self._all(ctx, final_only=True)
+
+    def _all(self, ctx: AnalysisContext, *, final_only: bool) -> RunRows:
         out = self._run_rows(ctx)
-        for name, info in ctx.checkpoint.tensors.items():
-            if is_buffer(name) or not info.dtype.startswith(("float", "bfloat")) or len(info.shape) < 2:
-                continue
+        tensors = ctx.checkpoint.tensors
+        names = [n for n, info in tensors.items() if not is_buffer(n) and info.dtype.startswith(("float", "bfloat"))
+                 and not (final_only and len(info.shape) < 2)]
+        refs = sum(r is not None for r in (ctx.first, ctx.previous, ctx.final))
+
+        def cost(name: str) -> int:  # the tensor and its references as stored, plus float64 work space
+            info = tensors[name]
+            side = min(info.shape) if len(info.shape) > 1 else 1
+            return info.nbytes * (1 + refs) + 8 * (3 * side * side + 4 * CHUNK_ELEMENTS)
+
+        threads = torch.get_num_threads() if torch.device(ctx.device).type == "cpu" else 1
+        for name, part in ordered_map(names, lambda n: self._tensor(ctx, n, final_only=final_only), cost, threads=threads):
             ctx.on_tensor(name)
-            self._tensor(ctx, name, out, final_only=True)
+            _merge(out, part)
         return out
 
-    def _tensor(self, ctx: AnalysisContext, name: str, out: RunRows, *, final_only: bool) -> None:
+    def _tensor(self, ctx: AnalysisContext, name: str, *, final_only: bool) -> RunRows:
+        """All rows of one tensor (run in a worker thread, merged in order by the caller)."""
+        out = RunRows(self.name, self.version, {}, "float64", "")
         role = classify(name, ctx.family)
         w = ctx.checkpoint.read(name)
         if not self._check_finite(name, w, out):
-            return
+            return out
         if w.dim() < 2:
             if not final_only:
                 out.add_metrics(name, role.layer, role.component, _finite(vector_metrics(w)))
-            return
+            return out
         refs = {key: self._reference(getattr(ctx, key), name, w.shape) for key in ("first", "previous", "final")}
         if final_only:
             refs["first"] = refs["previous"] = None
-        for component, parts in self._units(name, role, ctx, w, refs, out):
-            self._matrix(name, role, component, parts, ctx, out, final_only=final_only)
+        units = [(c, {k: t.to(ctx.device) if t is not None else None for k, t in m.items()})
+                 for c, m in self._units(name, role, ctx, w, refs, out)]
+        passes = {c: _one_pass(m["w"], m["first"], m["previous"], m["final"], ctx.device,
+                               grams=not final_only and self.tier(m["w"].shape) == "exact") for c, m in units[1:]}
+        fused, m = units[0]  # the parts of a fused QKV matrix partition its rows: their passes add up
+        passes[fused] = (reduce(_Pass.__add__, passes.values()) if passes else
+                         _one_pass(m["w"], m["first"], m["previous"], m["final"], ctx.device,
+                                   grams=not final_only and self.tier(m["w"].shape) == "exact"))
+        for component, m in units:
+            self._matrix(name, role, component, m, passes[component], ctx, out, final_only=final_only)
+        return out
 
     @staticmethod
     def _check_finite(name: str, w: torch.Tensor, out: RunRows) -> bool:
@@ -185,8 +247,8 @@ class WeightAnalyzer:
     def _reference(ref: Checkpoint | None, name: str, shape: torch.Size) -> torch.Tensor | None:
         """The same tensor in a reference checkpoint, or None when absent or reshaped.
 
-        A non-finite reference is not scanned for here: it yields a non-finite Gram matrix,
-        and that delta is then omitted (its own step already reported the anomaly).
+        A non-finite reference is not scanned for here: it yields non-finite sums, and that
+        delta is then omitted (its own step already reported the anomaly).
         """
         if ref is None or name not in ref.tensors:
             return None
@@ -194,59 +256,92 @@ class WeightAnalyzer:
         return t if t.shape == shape else None
 
     @staticmethod
-    def _units(name: str, role: Role, ctx: AnalysisContext, w: torch.Tensor, refs: dict[str, torch.Tensor | None], out: RunRows):
+    def _units(name: str, role: Role, ctx: AnalysisContext, w: torch.Tensor, refs: dict[str, torch.Tensor | None],
+               out: RunRows) -> list[tuple[str, dict[str, torch.Tensor | None]]]:
         """The matrix as stored (oriented out × in, >2-D flattened) and, for fused QKV, its parts."""
         def shaped(t: torch.Tensor) -> torch.Tensor:
             t = orient(name, ctx.family, t)
             return t.reshape(t.shape[0], -1) if t.dim() > 2 else t
 
         mats = {"w": shaped(w), **{k: shaped(v) if v is not None else None for k, v in refs.items()}}
-        yield role.component, mats
+        units = [(role.component, mats)]
         if role.component == "attn.qkv" and ctx.config:
             try:
                 split = {k: dict(split_qkv(role, ctx.family, v, ctx.config)) if v is not None else None for k, v in mats.items()}
             except ValueError as exc:  # config and shapes disagree: the fused matrix is still analyzed
                 out.anomalies.append((name, "qkv_not_split", str(exc)))
-                return
-            for component in split["w"]:
-                yield component, {k: (v[component] if v is not None else None) for k, v in split.items()}
+                return units
+            units += [(c, {k: (v[c] if v is not None else None) for k, v in split.items()}) for c in split["w"]]
+        return units
 
-    def _matrix(self, name: str, role: Role, component: str, m: dict[str, torch.Tensor | None],
+    def _matrix(self, name: str, role: Role, component: str, m: dict[str, torch.Tensor | None], acc: _Pass,
                 ctx: AnalysisContext, out: RunRows, *, final_only: bool) -> None:
-        w = m["w"].to(ctx.device)
-        move = lambda t: t.to(ctx.device) if t is not None else None  # noqa: E731
-        acc = _one_pass(w, move(m["first"]), move(m["previous"]), move(m["final"]), ctx.device, spectrum=not final_only)
+        tier = self.tier(m["w"].shape)
         values: dict[str, float] = {}
-        if final_only:
-            if m["final"] is not None:
-                values.update(_final_metrics(acc))
-            elif ctx.final is None:  # re-basing the final step itself
-                values.update({"final_cosine": 1.0, "final_relative_distance": 0.0})
-            out.add_metrics(name, role.layer, component, _finite(values))
-            return
-        sv = singular_values_from_gram(acc.gram)
-        shape = tuple(w.shape)
-        values.update(rank_norm_metrics(sv, rtol=self.rtol))
-        values.update(heavy_tail_metrics(sv))
-        if "weight" in self.spectra:
-            out.add_spectrum(name, role.layer, component, "weight", shape, sv)
-        if (sv_init := _sv(acc.gram_init)) is not None:
-            values.update(self._delta("delta_init_", sv_init, acc.sq_first))
-            if "delta_init" in self.spectra:
-                out.add_spectrum(name, role.layer, component, "delta_init", shape, sv_init)
-        elif ctx.first is None:  # this is the first step: ΔW = 0 exactly
-            values.update(self._delta("delta_init_", torch.zeros(1, dtype=torch.float64).numpy(), acc.sq_w))
-        if (sv_prev := _sv(acc.gram_prev)) is not None:
-            values.update(self._delta("delta_prev_", sv_prev, acc.sq_prev))
-            if "delta_prev" in self.spectra:
-                out.add_spectrum(name, role.layer, component, "delta_prev", shape, sv_prev)
+        if not final_only:
+            values.update({"exact": self._exact, "fast": self._fast, "none": self._norms}[tier](name, role, component, m, acc, ctx, out))
         if m["final"] is not None:
             values.update(_final_metrics(acc))
         elif ctx.final is None:  # this is the final step
             values.update({"final_cosine": 1.0, "final_relative_distance": 0.0})
-        out.add_metrics(name, role.layer, component, _finite(values))
+        out.add_metrics(name, role.layer, component, _finite(values), tier=tier)
 
-    def _delta(self, prefix: str, sv, sq_ref: float) -> dict[str, float]:
-        values = _prefixed(prefix, rank_norm_metrics(sv, rtol=self.rtol))
+    def _exact(self, name: str, role: Role, component: str, m: dict, acc: _Pass, ctx: AnalysisContext,
+               out: RunRows) -> dict[str, float]:
+        shape = tuple(m["w"].shape)
+        sv = singular_values_from_gram(acc.gram)
+        values = {**rank_norm_metrics(sv, rtol=self.rtol), **heavy_tail_metrics(sv)}
+        if "weight" in self.spectra:
+            out.add_spectrum(name, role.layer, component, "weight", shape, sv)
+        for kind, gram_, sq_ref, ref in (("delta_init", acc.gram_init, acc.sq_first, "first"),
+                                          ("delta_prev", acc.gram_prev, acc.sq_prev, "previous")):
+            if (sv_d := _sv(gram_)) is not None:
+                values.update(self._delta(f"{kind}_", rank_norm_metrics(sv_d, rtol=self.rtol), sq_ref))
+                if kind in self.spectra:
+                    out.add_spectrum(name, role.layer, component, kind, shape, sv_d)
+            elif kind == "delta_init" and ctx.first is None:  # this is the first step: ΔW = 0 exactly
+                values.update(self._delta("delta_init_", rank_norm_metrics(np.zeros(1), rtol=self.rtol), acc.sq_w))
+        return values
+
+    def _fast(self, name: str, role: Role, component: str, m: dict, acc: _Pass, ctx: AnalysisContext,
+              out: RunRows) -> dict[str, float]:
+        shape = tuple(m["w"].shape)
+        fs = fast_spectrum(m["w"], k=self.fast_k, rtol=self.rtol)
+        values = {**fs.metrics, **self._log_norms(acc.sq_w, fs.metrics.get("spectral_norm", 0.0))}
+        if "weight" in self.spectra:
+            out.add_spectrum(name, role.layer, component, "weight", shape, fs.top_sv, tier="fast")
+        for kind, sq_diff, sq_ref, ref in (("delta_init", acc.sq_diff_first, acc.sq_first, m["first"]),
+                                            ("delta_prev", acc.sq_diff_prev, acc.sq_prev, m["previous"])):
+            if ref is not None and math.isfinite(sq_diff):
+                fd = fast_spectrum(m["w"], minus=ref, k=self.fast_k, rtol=self.rtol)
+                values.update(self._delta(f"{kind}_", fd.metrics, sq_ref))
+                if kind in self.spectra:
+                    out.add_spectrum(name, role.layer, component, kind, shape, fd.top_sv, tier="fast")
+            elif kind == "delta_init" and ctx.first is None:
+                values.update(self._delta("delta_init_", rank_norm_metrics(np.zeros(1), rtol=self.rtol), acc.sq_w))
+        return values
+
+    def _norms(self, name: str, role: Role, component: str, m: dict, acc: _Pass, ctx: AnalysisContext,
+               out: RunRows) -> dict[str, float]:
+        values = {"frobenius_norm": math.sqrt(acc.sq_w), **self._log_norms(acc.sq_w, None)}
+        for kind, sq_diff, sq_ref, ref in (("delta_init", acc.sq_diff_first, acc.sq_first, m["first"]),
+                                            ("delta_prev", acc.sq_diff_prev, acc.sq_prev, m["previous"])):
+            if ref is not None:
+                values.update(self._delta(f"{kind}_", {"frobenius_norm": math.sqrt(sq_diff)}, sq_ref))
+            elif kind == "delta_init" and ctx.first is None:
+                values.update(self._delta("delta_init_", {"frobenius_norm": 0.0}, acc.sq_w))
+        return values
+
+    @staticmethod
+    def _log_norms(sq_w: float, sigma1: float | None) -> dict[str, float]:
+        """WeightWatcher's log_norm (log10 ‖W‖_F²) and, given σ₁, log_spectral_norm (log10 σ₁²)."""
+        values = {"log_norm": math.log10(sq_w) if sq_w > 0 else -math.inf}
+        if sigma1 is not None:
+            values["log_spectral_norm"] = 2 * math.log10(sigma1) if sigma1 > 0 else -math.inf
+        return values
+
+    @staticmethod
+    def _delta(prefix: str, metrics: dict[str, float], sq_ref: float) -> dict[str, float]:
+        values = _prefixed(prefix, metrics)
         values[f"{prefix}relative"] = values[f"{prefix}frobenius_norm"] / math.sqrt(sq_ref) if sq_ref > 0 else math.nan
         return values
