@@ -16,6 +16,7 @@ from pathlib import Path
 import click
 import polars as pl
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from ckptscope.errors import CkptscopeError, StoreError
@@ -57,6 +58,22 @@ def _store_option(f):
                         help="DuckDB store file [default: $CKPTSCOPE_STORE or ./ckptscope.duckdb].")(f)
 
 
+def _executor_options(f):
+    """Where steps are analyzed: the same options for every command that analyzes checkpoints."""
+    for option in reversed([
+        click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+                     help="local: processes on this machine; ray: a Ray cluster (pip install 'ckptscope[ray]')."),
+        click.option("--workers", type=int, help="Steps analyzed at once: processes (local) or Ray actors "
+                                                 "[default: 1 for local, the cluster's CPUs / --threads for ray]."),
+        click.option("--threads", type=int, help="Torch threads per worker [default: CPUs / --workers for local "
+                                                 "processes, 1 for ray, unchanged for one local worker]."),
+        click.option("--ray-address", help="Ray cluster to join, e.g. 10.0.0.5:6379 or ray://head:10001 "
+                                           "[default: $RAY_ADDRESS, else a local Ray instance]."),
+    ]):
+        f = option(f)
+    return f
+
+
 def _friendly(f):
     """Turn user mistakes into one line on stderr and a non-zero exit."""
     @functools.wraps(f)
@@ -64,7 +81,7 @@ def _friendly(f):
         try:
             return f(*args, **kwargs)
         except CkptscopeError as exc:
-            err.print(f"[bold red]error:[/] {exc}", markup=True, highlight=False, soft_wrap=True)
+            err.print(f"[bold red]error:[/] {escape(str(exc))}", markup=True, highlight=False, soft_wrap=True)
             sys.exit(1)
         except KeyboardInterrupt:
             err.print("interrupted: completed checkpoints are saved; run the same command again to resume", highlight=False)
@@ -97,6 +114,12 @@ def main() -> None:
 @click.option("--force", is_flag=True, help="Recompute steps that are already in the store.")
 @click.option("--tokens-per-step", type=int, help="Tokens seen per optimizer step, to fill `tokens`.")
 @click.option("--rtol", type=float, default=1e-3, show_default=True, help="Relative tolerance of numerical_rank.")
+@click.option("--spectrum", type=click.Choice(["exact", "fast", "none"]), default="exact", show_default=True,
+              help="How singular values are obtained: exact (default; matrices whose smaller side exceeds --exact-max-side "
+                   "fall back to fast), fast (Lanczos/randomized: spectral norm, top-k spectrum, estimated effective rank), "
+                   "none (norms only).")
+@click.option("--exact-max-side", type=int, default=4096, show_default=True,
+              help="Largest smaller side of a matrix whose spectrum --spectrum exact computes exactly.")
 @click.option("--device", default="cpu", show_default=True, help="Torch device for the spectral work.")
 @click.option("--revision-pattern", help="Hub: regex with a (?P<step>...) group mapping revision names to steps.")
 @click.option("--keep", is_flag=True, help="Hub: keep downloaded checkpoints in the HF cache instead of evicting them.")
@@ -104,17 +127,19 @@ def main() -> None:
 @click.option("--probe", type=click.Path(path_type=Path), help="convergence: sequences (JSONL, Parquet or .npy) to compare activations on.")
 @click.option("--corpus", type=click.Path(path_type=Path), help="memorization: sequences (JSONL, Parquet or .npy) to test.")
 @click.option("--batch-size", type=int, default=16, show_default=True, help="Sequences per forward pass (activation analyzers).")
+@_executor_options
 @_friendly
-def ingest(source, store, name, steps, max_steps, analyzers, force, tokens_per_step, rtol, device, revision_pattern, keep,
-           cache_dir, probe, corpus, batch_size):
+def ingest(source, store, name, steps, max_steps, analyzers, force, tokens_per_step, rtol, spectrum, exact_max_side, device,
+           revision_pattern, keep, cache_dir, probe, corpus, batch_size, executor, workers, threads, ray_address):
     """Analyze the checkpoints in SOURCE into the store.
 
     SOURCE is a local run directory, a catalog suite (pythia-160m) or a hub repo (EleutherAI/pythia-160m).
     """
     report = run_ingest(source, store=store or default_store_path(), name=name, steps=steps, max_steps=max_steps,
-                        analyzers=analyzers, force=force, tokens_per_step=tokens_per_step, rtol=rtol,
-                        device=device, revision_pattern=revision_pattern, keep=keep, cache_dir=cache_dir, probe=probe,
-                        corpus=corpus, batch_size=batch_size, progress=True)
+                        analyzers=analyzers, force=force, tokens_per_step=tokens_per_step, rtol=rtol, spectrum=spectrum,
+                        exact_max_side=exact_max_side, device=device, revision_pattern=revision_pattern, keep=keep,
+                        cache_dir=cache_dir, probe=probe, corpus=corpus, batch_size=batch_size, executor=executor,
+                        workers=workers, threads=threads, ray_address=ray_address, progress=True)
     _summarize(report)
 
 
@@ -171,6 +196,7 @@ def _analyze_options(f):
         click.option("--device", default="cpu", show_default=True, help="Torch device for the forward passes."),
         click.option("--batch-size", type=int, default=16, show_default=True, help="Sequences per forward pass."),
         click.option("--force", is_flag=True, help="Recompute steps already analyzed."),
+        _executor_options,
     ]):
         f = option(f)
     return f
@@ -181,10 +207,10 @@ def _analyze_options(f):
 @click.option("--probe", type=click.Path(path_type=Path), required=True, help="Sequences (JSONL, Parquet or .npy).")
 @click.option("--reference-step", default="final", show_default=True, help="Step to compare with: final, first or a number.")
 @_friendly
-def convergence(model, store, steps, device, batch_size, force, probe, reference_step):
+def convergence(model, store, steps, device, batch_size, force, probe, reference_step, **executor):
     """Linear CKA of every layer's activations to the reference step (default: final)."""
     _summarize(run_analyze(model, "convergence", store=store, steps=steps, device=device, batch_size=batch_size, force=force,
-                           probe=probe, reference_step=reference_step, progress=True))
+                           probe=probe, reference_step=reference_step, progress=True, **executor))
 
 
 @analyze_group.command()
@@ -193,10 +219,10 @@ def convergence(model, store, steps, device, batch_size, force, probe, reference
 @click.option("--prompt-len", type=int, default=32, show_default=True)
 @click.option("--continuation-len", type=int, default=32, show_default=True)
 @_friendly
-def memorization(model, store, steps, device, batch_size, force, corpus, prompt_len, continuation_len):
+def memorization(model, store, steps, device, batch_size, force, corpus, prompt_len, continuation_len, **executor):
     """The Pythia memorization score of every corpus sequence at every step."""
     _summarize(run_analyze(model, "memorization", store=store, steps=steps, device=device, batch_size=batch_size, force=force,
-                           corpus=corpus, prompt_len=prompt_len, continuation_len=continuation_len, progress=True))
+                           corpus=corpus, prompt_len=prompt_len, continuation_len=continuation_len, progress=True, **executor))
 
 
 @main.command()

@@ -1,18 +1,20 @@
 """Ingest: source → checkpoints → analyzers → rows → store.
 
 `ingest()` validates everything it can before the store is touched (paths, step selection,
-analyzer names, every selected checkpoint's headers, shape agreement across steps), so bad
-input leaves the store exactly as it was. Then it walks the steps in order, one checkpoint
-at a time; each checkpoint's rows land in one transaction, so an interrupted run resumes
-where it stopped and never duplicates rows.
+analyzer names, executor options, every selected checkpoint's headers, shape agreement across
+steps), so bad input leaves the store exactly as it was. Then an executor (`ckptscope.executors`:
+this process, a local process pool or a Ray cluster) analyzes the steps while this process, the
+driver, alone writes the store: each checkpoint's rows land in one transaction as its result
+arrives, so an interrupted run resumes where it stopped and never duplicates rows.
 """
 
 from __future__ import annotations
 
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+import logging
+from collections.abc import Callable, Iterator
+from contextlib import closing, contextmanager, nullcontext
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import polars as pl
@@ -23,15 +25,18 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from ckptscope.analyzers.base import AnalysisContext, Analyzer
 from ckptscope.analyzers.registry import build_analyzers
 from ckptscope.analyzers.weights import FINAL_METRICS, WeightAnalyzer
-from ckptscope.errors import MissingRevision, SourceError
+from ckptscope.errors import CkptscopeError, SourceError
+from ckptscope.executors import (AnalyzerSpec, Architecture, Checkpoints, Executor, SourceSpec, StepResult, StepsFailed,
+                                 StepTask, check_options, describe, is_fatal, make_executor, tensor_rows)
 from ckptscope.ingest.checkpoint import Checkpoint
-from ckptscope.ingest.layers import classify, family, is_buffer
+from ckptscope.ingest.layers import classify
 from ckptscope.ingest.local import CheckpointRef, LocalSource, Source, parse_explicit_steps
 from ckptscope.ingest.steps import select_steps
 from ckptscope.store.db import CheckpointRows, ModelRow, Store, default_store_path
 
-
+log = logging.getLogger(__name__)
 REPORT_SCHEMA = {"step": pl.Int64, "status": pl.String, "duplicate_of": pl.Int64, "tensors": pl.Int64, "seconds": pl.Float64}
+MAX_LISTED = 5  # failed steps named in the error; the rest are counted
 
 
 @dataclass
@@ -42,27 +47,21 @@ class Plan:
     source: Source
     available: dict[int, CheckpointRef]  # every step the source holds
     todo: list[int]  # selected steps still to analyze, ascending
-    config: dict | None
-    family: str
-    shapes: dict[str, tuple[int, ...]]  # of the first checkpoint; remote sources fill it on first open
+    arch: Architecture | None = None  # of the first checkpoint; remote sources fill it on first open
     stored_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     stale_final: bool = False  # stored final_* rows point at an older final step
 
     def adopt(self, ckpt: Checkpoint) -> None:
         """Check a checkpoint against the run's architecture (taking it as the run's, if first)."""
-        current = {name: info.shape for name, info in ckpt.tensors.items() if not is_buffer(name)}
-        if not current:
-            raise SourceError(f"{ckpt.path}: the checkpoint holds no tensors; re-save it")
-        if not self.shapes:
-            _check_against_store(self, current)
-            self.shapes, self.config = current, ckpt.config
-            self.family = family(ckpt.config)
-            return
-        for name, shape in current.items():
-            if self.shapes.get(name, shape) != shape:
-                raise SourceError(f"step {ckpt.step}: tensor {name} has shape {list(shape)}, other steps have "
-                                  f"{list(self.shapes[name])}; a model's checkpoints must share one architecture "
-                                  "(ingest it under another --name)")
+        self.accept(Architecture.of(ckpt))
+
+    def accept(self, arch: Architecture) -> None:
+        """`adopt` for an architecture read elsewhere (by a worker)."""
+        if self.arch is None:
+            _check_against_store(self, arch.shapes)
+            self.arch = arch
+        else:
+            self.arch.check(arch)
 
 
 def _num_layers(config: dict | None, shapes: dict[str, tuple[int, ...]], fam: str) -> int | None:
@@ -103,7 +102,7 @@ def plan_ingest(src: Source, *, name: str | None, steps: str | None, max_steps: 
     if any(getattr(a, "uses_references", True) for a in analyzers):
         # Deltas and convergence are taken against the first and last checkpoints.
         selected = sorted({*selected, min(available), max(available)})
-    plan = Plan(name or src.default_name, src, available, list(selected), None, "unknown", {})
+    plan = Plan(name or src.default_name, src, available, list(selected))
     if src.kind == "local":
         for step in selected:
             plan.adopt(src.open(available[step]))
@@ -124,7 +123,8 @@ def reconcile(plan: Plan, store: Store, analyzers: list[Analyzer], *, force: boo
     stored = store.sql("SELECT tensor, shape FROM tensors WHERE model = ? AND step = (SELECT min(step) FROM tensors WHERE model = ?)",
                        [plan.model, plan.model])
     plan.stored_shapes = {row["tensor"]: tuple(row["shape"]) for row in stored.iter_rows(named=True)}
-    _check_against_store(plan, plan.shapes)
+    if plan.arch is not None:
+        _check_against_store(plan, plan.arch.shapes)
     if not force:
         done = set.intersection(*(store.steps_done(plan.model, a.name) for a in analyzers))
         plan.todo = [s for s in plan.todo if s not in done]
@@ -154,55 +154,85 @@ def _progress(enabled: bool) -> Iterator[Progress]:
 def ingest(source: str | Path, *, store: Store | str | Path | None = None, name: str | None = None,
            steps: str | None = None, max_steps: int | None = None, analyzers: str | list[str] | None = "weights",
            force: bool = False, tokens_per_step: int | None = None, device: str = "cpu",
-           rtol: float = 1e-3, revision_pattern: str | None = None, keep: bool = False,
+           rtol: float = 1e-3, spectrum: str = "exact", exact_max_side: int = 4096,
+           revision_pattern: str | None = None, keep: bool = False,
            cache_dir: Path | str | None = None, probe: Path | str | None = None, corpus: Path | str | None = None,
            reference_step: str | int = "final", batch_size: int = 16, prompt_len: int = 32, continuation_len: int = 32,
+           executor: str = "local", workers: int | None = None, threads: int | None = None, ray_address: str | None = None,
            progress: bool = False) -> pl.DataFrame:
     """Analyze the checkpoints of a local run or a hub suite into the store; one row per step written.
 
     `steps` is a selection SPEC (see `ckptscope.ingest.steps`) or explicit `STEP=PATH` pairs.
     Steps already analyzed are skipped unless `force`. Raises `CkptscopeError` on bad input,
     before anything is written. Hub downloads are evicted after use unless `keep`. `probe`
-    feeds the `convergence` analyzer, `corpus` the `memorization` analyzer.
+    feeds the `convergence` analyzer, `corpus` the `memorization` analyzer; `spectrum` and
+    `exact_max_side` pick how the `weights` analyzer obtains singular values.
+
+    `executor` says where steps are analyzed, never what comes out: "local" with `workers`
+    processes (default 1: this process), or "ray" on the cluster at `ray_address` (default: a
+    local instance, or the cluster `ray.init` already joined) with `workers` actors (default: as
+    many as the cluster's CPUs hold). `threads` is the torch threads of each. A step that fails
+    on a worker is reported after the other steps are written (`StepsFailed`); rerunning resumes.
     """
-    _check_device(device)
-    chosen = build_analyzers(analyzers, rtol=rtol, probe=probe, corpus=corpus, reference_step=reference_step,
-                             batch_size=batch_size, prompt_len=prompt_len, continuation_len=continuation_len)
+    check_options(executor, workers, threads, ray_address)
+    _check_device(device, here=executor == "local")
+    options = dict(rtol=rtol, spectrum=spectrum, exact_max_side=exact_max_side, probe=probe, corpus=corpus,
+                   reference_step=reference_step, batch_size=batch_size, prompt_len=prompt_len, continuation_len=continuation_len)
+    chosen = build_analyzers(analyzers, **options)
     if tokens_per_step is not None and tokens_per_step <= 0:
         raise SourceError("--tokens-per-step must be a positive number of tokens")
     src = open_source(source, steps=steps, revision_pattern=revision_pattern, keep=keep, cache_dir=cache_dir)
     try:
         plan = plan_ingest(src, name=name, steps=steps, max_steps=max_steps, analyzers=chosen)
-        return _run(plan, store, chosen, force=force, tokens_per_step=tokens_per_step, device=device, progress=progress)
+        runner = make_executor(executor, workers=workers, threads=threads, ray_address=ray_address, device=device,
+                               source=src, analyzers=chosen)
+        # What a worker needs to open the same source and build the same analyzers, in any working directory.
+        source_spec = SourceSpec(src.id if src.kind == "local" else str(source), steps, revision_pattern, keep, _absolute(cache_dir))
+        paths = {"probe": _absolute(probe), "corpus": _absolute(corpus)}
+        analyzer_spec = AnalyzerSpec(tuple(a.name for a in chosen), tuple(sorted({**options, **paths}.items())))
+        new_task = partial(StepTask, source_spec, analyzer_spec, device=device, threads=runner.threads)
+        return _run(plan, store, chosen, force=force, tokens_per_step=tokens_per_step, progress=progress,
+                    runner=runner, new_task=new_task)
     finally:
         src.close()
 
 
-def _check_device(device: str) -> None:
+def _absolute(path: Path | str | None) -> str | None:
+    return str(Path(path).expanduser().resolve()) if path is not None else None
+
+
+def _check_device(device: str, *, here: bool) -> None:
+    """`here`: the steps run on this machine, so it must have the GPU (a Ray cluster is checked on joining)."""
     try:
         kind = torch.device(device).type
     except RuntimeError:
         raise SourceError(f"--device {device!r} is not a torch device; use cpu or cuda") from None
-    if kind == "cuda" and not torch.cuda.is_available():
+    if here and kind == "cuda" and not torch.cuda.is_available():
         raise SourceError(f"--device {device}: no CUDA GPU is available to this torch build; use --device cpu")
     if kind not in ("cpu", "cuda"):
         raise SourceError(f"--device {device}: only cpu and cuda are supported")
 
 
 def _run(plan: Plan, store: Store | str | Path | None, chosen: list[Analyzer], *, force: bool,
-         tokens_per_step: int | None, device: str, progress: bool) -> pl.DataFrame:
+         tokens_per_step: int | None, progress: bool, runner: Executor, new_task: Callable[..., StepTask]) -> pl.DataFrame:
+    def execute(db: Store) -> pl.DataFrame:
+        return _execute(plan, db, chosen, tokens_per_step=tokens_per_step, progress=progress, runner=runner, new_task=new_task)
+
+    # The executor starts before the store is written: a cluster that cannot be reached leaves it untouched.
+    # With nothing to analyze it does not start at all (re-basing final_* rows runs here).
     if isinstance(store, Store):
         reconcile(plan, store, chosen, force=force)
-        return _execute(plan, store, chosen, tokens_per_step=tokens_per_step, device=device, progress=progress)
+        with runner if plan.todo else nullcontext():
+            return execute(store)
     path = Path(store) if store is not None else default_store_path()
     if path.exists():  # look read-only first: a mistake found here must not touch the file
         with Store(path, read_only=True) as ro:
             reconcile(plan, ro, chosen, force=force)
         if not plan.todo and not plan.stale_final:
-            return _execute(plan, None, chosen, tokens_per_step=tokens_per_step, device=device, progress=progress)
-    with Store(path) as db:
+            return pl.DataFrame(schema=REPORT_SCHEMA)
+    with runner if plan.todo else nullcontext(), Store(path) as db:
         reconcile(plan, db, chosen, force=force)
-        return _execute(plan, db, chosen, tokens_per_step=tokens_per_step, device=device, progress=progress)
+        return execute(db)
 
 
 def analyze(model: str, analyzers: str, *, store: str | Path | None = None, steps: str | None = None,
@@ -225,50 +255,24 @@ def analyze(model: str, analyzers: str, *, store: str | Path | None = None, step
     return ingest(source, store=path, name=model, steps=steps or ",".join(map(str, done)), analyzers=analyzers, **options)
 
 
-class _Checkpoints:
-    """Checkpoints opened through the source: the ones still needed stay, the rest are released.
-
-    Holding only {first, previous, current, final, next} bounds memory and, for hub sources,
-    disk, however many steps a sweep covers.
-    """
-
-    def __init__(self, source: Source, refs: dict[int, CheckpointRef]) -> None:
-        self.source, self.refs, self.open = source, refs, {}
-
-    def get(self, step: int | None) -> Checkpoint | None:
-        if step is None:
-            return None
-        if step not in self.open:
-            self.open[step] = self.source.open(self.refs[step])
-        return self.open[step]
-
-    def prefetch(self, step: int) -> None:
-        self.source.prefetch(self.refs[step])
-
-    def keep_only(self, steps: set[int]) -> None:
-        for step in [s for s in self.open if s not in steps]:
-            del self.open[step]
-            self.source.release(self.refs[step])
-
-
-def _execute(plan: Plan, db: Store | None, analyzers: list[Analyzer], *, tokens_per_step: int | None,
-             device: str, progress: bool) -> pl.DataFrame:
-    if db is None or not (plan.todo or plan.stale_final):
+def _execute(plan: Plan, db: Store, analyzers: list[Analyzer], *, tokens_per_step: int | None, progress: bool,
+             runner: Executor, new_task: Callable[..., StepTask]) -> pl.DataFrame:
+    """Hand the steps to the executor and write each result as it arrives (steps may finish out
+    of order); then re-base `final_*` rows. Revisions found without weights are recorded once."""
+    if not (plan.todo or plan.stale_final):
         return pl.DataFrame(schema=REPORT_SCHEMA)
     prior = db.model(plan.model)
     if tokens_per_step is None and prior:
         tokens_per_step = prior["tokens_per_step"]
-    stored = db.checkpoints(plan.model).filter(pl.col("status") == "ok")
-    stored_ok = set(stored["step"].to_list())
-    hashes: dict[str, set[int]] = {}
-    for row in stored.iter_rows(named=True):
-        if row["content_hash"]:
-            hashes.setdefault(row["content_hash"], set()).add(row["step"])
+    stored_ok = set(db.sql("SELECT step FROM checkpoints WHERE model = ? AND status = 'ok'", [plan.model])["step"].to_list())
     # References are the steps in the store or being ingested that the source still holds.
     all_steps = sorted(set(plan.todo) | (stored_ok & set(plan.available)))
-    ckpts = _Checkpoints(plan.source, plan.available)
     registered = False
     report: list[dict] = []
+    seen_missing: set[int] = set()
+    unrecorded: dict[int, tuple[str, str]] = {}  # missing revisions waiting for the architecture (the model row needs it)
+    failures: dict[int, BaseException] = {}
+    in_a_row = 0  # failures since the last step that came back
 
     def tokens(step: int) -> int | None:
         known = plan.source.tokens(step, plan.available[step].revision)
@@ -276,74 +280,93 @@ def _execute(plan: Plan, db: Store | None, analyzers: list[Analyzer], *, tokens_
 
     def write(rows: CheckpointRows) -> None:
         nonlocal registered
+        arch = plan.arch
         model = None if registered else ModelRow(
-            source=plan.source.id, architecture=plan.family, num_layers=_num_layers(plan.config, plan.shapes, plan.family),
-            num_parameters=sum(_numel(s) for s in plan.shapes.values()), tokens_per_step=tokens_per_step, config=plan.config)
+            source=plan.source.id, architecture=arch.family, num_layers=_num_layers(arch.config, arch.shapes, arch.family),
+            num_parameters=sum(_numel(s) for s in arch.shapes.values()), tokens_per_step=tokens_per_step, config=arch.config)
         db.write_checkpoint(rows, replace=True, model=model)
         registered = True
 
-    def pick(candidates: list[int]) -> Checkpoint | None:
-        """The first candidate the source can open; revisions without weights are recorded and dropped."""
-        for step in candidates:
-            try:
-                ckpt = ckpts.get(step)
-            except MissingRevision as exc:
+    def store_result(result: StepResult) -> None:
+        if result.architecture is not None:
+            plan.accept(result.architecture)
+        for step, revision, why in result.missing:
+            if step not in seen_missing:
+                seen_missing.add(step)
                 all_steps.remove(step)
-                if step not in stored_ok and plan.shapes:
-                    write(CheckpointRows(model=plan.model, step=step, tokens=tokens(step), revision=plan.available[step].revision,
-                                         source=plan.source.id, content_hash=None, tensors=_tensor_rows(None, plan.family),
-                                         runs=[], status="missing", anomaly=("missing_revision", str(exc))))
-                    report.append({"step": step, "status": "missing", "duplicate_of": None, "tensors": 0, "seconds": 0.0})
-                continue
-            plan.adopt(ckpt)
-            return ckpt
-        return None
+                if step not in stored_ok:
+                    unrecorded[step] = (revision, why)
+        for step in sorted(unrecorded) if plan.arch is not None else ():
+            revision, why = unrecorded.pop(step)
+            write(CheckpointRows(model=plan.model, step=step, tokens=tokens(step), revision=revision, source=plan.source.id,
+                                 content_hash=None, tensors=tensor_rows(None, plan.arch.family), runs=[], status="missing",
+                                 anomaly=("missing_revision", why)))
+            report.append({"step": step, "status": "missing", "duplicate_of": None, "tensors": 0, "seconds": 0.0})
+        if result.content_hash is not None:
+            write(CheckpointRows(model=plan.model, step=result.step, tokens=tokens(result.step), revision=result.revision,
+                                 source=result.source, content_hash=result.content_hash, tensors=result.tensors, runs=result.runs))
+            report.append({"step": result.step, "status": "ok", "duplicate_of": None, "tensors": result.n_tensors,
+                           "seconds": result.seconds})
 
+    ckpts = Checkpoints(plan.source, plan.available)  # for re-basing, done here
     try:
         with _progress(progress) as bar:
             steps_task = bar.add_task(f"[bold]{plan.model}[/] checkpoints", total=len(plan.todo))
             tensor_task = bar.add_task("tensors", total=0, visible=False)
-            for i, step in enumerate(plan.todo):
-                bar.advance(steps_task)
-                if step not in all_steps:  # found missing while it served as a reference
-                    continue
-                started = time.perf_counter()
-                idx = all_steps.index(step)
-                ckpts.keep_only({all_steps[0], all_steps[idx - 1] if idx else step, step, all_steps[-1]})
-                if i + 1 < len(plan.todo):
-                    ckpts.prefetch(plan.todo[i + 1])
-                first = pick(all_steps[:idx])
-                ckpt = pick([step])
-                if ckpt is None:
-                    continue
-                idx = all_steps.index(step)
-                previous = pick(all_steps[idx - 1 :: -1] if idx else [])
-                final = pick(all_steps[: idx : -1])
-                digest = ckpt.content_hash()
-                same = hashes.setdefault(digest, set())
-                duplicate_of = min((s for s in same if s < step), default=None)  # always the earliest identical step
-                same.add(step)
-                n_tensors = sum(1 for n in ckpt.tensors if not is_buffer(n))
-                bar.reset(tensor_task, total=n_tensors * len(analyzers), visible=progress, description=f"step {step}")
-                ctx = AnalysisContext(checkpoint=ckpt, family=plan.family, config=plan.config, device=device,
-                                      first=first, previous=previous, final=final,
-                                      on_tensor=lambda _name: bar.advance(tensor_task))
-                runs = [a.analyze(ctx) for a in analyzers]
-                write(CheckpointRows(
-                    model=plan.model, step=step, tokens=tokens(step), revision=ckpt.revision,
-                    source=str(ckpt.path) if plan.source.kind == "local" else plan.source.id, content_hash=digest,
-                    tensors=_tensor_rows(ckpt, plan.family), runs=runs, duplicate_of=duplicate_of,
-                ))
-                report.append({"step": step, "status": "duplicate" if duplicate_of is not None else "ok",
-                               "duplicate_of": duplicate_of, "tensors": n_tensors, "seconds": round(time.perf_counter() - started, 3)})
+
+            def tasks() -> Iterator[StepTask]:
+                for i, step in enumerate(plan.todo):
+                    if in_a_row >= runner.window:  # every step in flight failed: the source or the cluster is down
+                        return
+                    if step not in all_steps:  # found missing while it served as a reference
+                        bar.advance(steps_task)
+                        continue
+                    following = plan.todo[i + 1] if runner.prefetches and i + 1 < len(plan.todo) else None
+                    yield new_task(step=step, candidates=tuple(plan.available[s] for s in all_steps), architecture=plan.arch,
+                                   prefetch=plan.available[following] if following is not None else None)
+
+            def on_start(step: int, units: int) -> None:
+                bar.reset(tensor_task, total=units, visible=progress, description=f"step {step}")
+
+            with closing(runner.run(tasks(), on_start=on_start, on_tensor=lambda _name: bar.advance(tensor_task))) as outcomes:
+                for task, outcome in outcomes:
+                    bar.advance(steps_task)
+                    if isinstance(outcome, StepResult):
+                        in_a_row = 0
+                        store_result(outcome)
+                    elif is_fatal(outcome):
+                        raise outcome
+                    else:
+                        if not isinstance(outcome, CkptscopeError):  # a crash or a bug: keep its traceback
+                            log.warning("step %d failed", task.step, exc_info=outcome)
+                        failures[task.step] = outcome
+                        in_a_row += 1
+            if failures:
+                written = {row["step"] for row in report}
+                not_started = sum(1 for s in plan.todo if s in all_steps and s not in written and s not in failures)
+                raise _failed(failures, not_started) from next(iter(failures.values()))
             if all_steps:
                 _refresh_final(plan, db, analyzers, all_steps, ckpts, bar)
     finally:  # hub downloads and memory maps are released however the run ends
         ckpts.keep_only(set())
+    duplicates = dict(db.sql("SELECT step, duplicate_of FROM checkpoints WHERE model = ?", [plan.model]).rows())
+    for row in report:
+        if duplicates.get(row["step"]) is not None:
+            row.update(status="duplicate", duplicate_of=duplicates[row["step"]])
     return pl.DataFrame(report, schema=REPORT_SCHEMA).sort("step")
 
 
-def _refresh_final(plan: Plan, db: Store, analyzers: list[Analyzer], all_steps: list[int], ckpts: _Checkpoints,
+def _failed(failures: dict[int, BaseException], not_started: int) -> StepsFailed:
+    """One line naming the failed steps and why; the other steps are in the store."""
+    n = len(failures)
+    listed = "; ".join(f"step {step}: {describe(exc)}" for step, exc in sorted(failures.items())[:MAX_LISTED])
+    more = f"; {n - MAX_LISTED} more" if n > MAX_LISTED else ""
+    stopped = f"; {not_started} step{'s' * (not_started > 1)} not started after that" if not_started else ""
+    return StepsFailed(f"{n} step{'s' * (n > 1)} failed and {'were' if n > 1 else 'was'} not written ({listed}{more}){stopped}; "
+                       "the steps that completed are saved: run the same command again to resume")
+
+
+def _refresh_final(plan: Plan, db: Store, analyzers: list[Analyzer], all_steps: list[int], ckpts: Checkpoints,
                    bar: Progress) -> None:
     """Recompute `final_*` rows of steps whose stored final reference is no longer the last step."""
     weights = next((a for a in analyzers if isinstance(a, WeightAnalyzer)), None)
@@ -359,7 +382,7 @@ def _refresh_final(plan: Plan, db: Store, analyzers: list[Analyzer], all_steps: 
         ckpts.keep_only({all_steps[0], step, final})
         ckpt = ckpts.get(step)
         plan.adopt(ckpt)  # a re-basing-only run opens nothing else first
-        ctx = AnalysisContext(checkpoint=ckpt, family=plan.family, config=plan.config,
+        ctx = AnalysisContext(checkpoint=ckpt, family=plan.arch.family, config=plan.arch.config,
                               final=ckpts.get(final) if step != final else None)
         db.replace_metrics(plan.model, step, weights.name, list(FINAL_METRICS), weights.refresh_final(ctx),
                            {**params[step], "final_step": final})
@@ -371,14 +394,3 @@ def _numel(shape: tuple[int, ...]) -> int:
     for s in shape:
         n *= s
     return n
-
-
-def _tensor_rows(ckpt: Checkpoint | None, fam: str) -> dict[str, list]:
-    cols: dict[str, list] = {k: [] for k in ("tensor", "layer", "component", "shape", "dtype")}
-    for name, info in (ckpt.tensors.items() if ckpt is not None else ()):
-        if is_buffer(name):
-            continue
-        role = classify(name, fam)
-        for key, value in zip(cols, (name, role.layer, role.component, list(info.shape), info.dtype)):
-            cols[key].append(value)
-    return cols

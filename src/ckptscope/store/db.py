@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib.resources import files
 from pathlib import Path
 from typing import Any
@@ -67,6 +67,15 @@ class RunRows:
         for key, value in zip(self.spectra, (tensor, layer, component, kind, shape[0], shape[1], [float(x) for x in sv], tier)):
             self.spectra[key].append(value)
 
+    def to_arrow(self) -> RunRows:
+        """The same rows with Arrow arrays for columns: a few buffers to pickle instead of a Python
+        object per value. `Store` inserts either form as it is."""
+        def arrays(columns: dict[str, list]) -> dict[str, pa.Array]:
+            return {key: _column(key, values) for key, values in columns.items()}
+
+        return replace(self, metrics=arrays(self.metrics), spectra=arrays(self.spectra),
+                       tables={name: arrays(columns) for name, columns in self.tables.items()})
+
 
 @dataclass
 class ModelRow:
@@ -93,7 +102,6 @@ class CheckpointRows:
     tensors: dict[str, list]  # tensor, layer, component, shape, dtype
     runs: list[RunRows]
     status: str = "ok"
-    duplicate_of: int | None = None
     anomaly: tuple[str, str] | None = None  # checkpoint-level (kind, detail), e.g. a missing revision
 
 
@@ -256,7 +264,9 @@ class Store:
         """Write all of one checkpoint's rows in a single transaction (replacing them with `replace`).
 
         `model` registers or refreshes the model's description in the same transaction, so a
-        model never appears in the store without a checkpoint.
+        model never appears in the store without a checkpoint. `duplicate_of` is worked out
+        here, from the hashes stored, so it names the earliest identical step whatever order
+        steps are written in (parallel executors finish them out of order).
         """
         con = self.con
         con.begin()
@@ -272,16 +282,14 @@ class Store:
                 self._delete_step(rows.model, rows.step, [r.analyzer for r in rows.runs])
             con.execute(
                 "INSERT OR REPLACE INTO checkpoints (model, step, tokens, revision, source, content_hash, duplicate_of, status) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                [rows.model, rows.step, rows.tokens, rows.revision, rows.source, rows.content_hash, rows.duplicate_of, rows.status],
+                "VALUES (?, ?, ?, ?, ?, ?, NULL, ?)",  # duplicate_of: set below, with its anomaly
+                [rows.model, rows.step, rows.tokens, rows.revision, rows.source, rows.content_hash, rows.status],
             )
+            self._mark_duplicates(rows.model)
             if rows.tensors["tensor"]:
                 self._insert("tensors", rows.model, rows.step, None, rows.tensors, replace_keys=True)
             if rows.anomaly is not None:
                 self._add_anomaly(rows.model, rows.step, None, *rows.anomaly)
-            if rows.duplicate_of is not None:
-                self._add_anomaly(rows.model, rows.step, None, "duplicate_checkpoint",
-                                  f"weights are byte-identical to step {rows.duplicate_of} (sha256 {rows.content_hash[:16]}…)")
             for run in rows.runs:
                 run_id = self._scalar("SELECT nextval('run_ids')")
                 con.execute(
@@ -301,6 +309,25 @@ class Store:
         except BaseException:
             con.rollback()
             raise
+
+    def _mark_duplicates(self, model: str) -> None:
+        """Point every checkpoint of `model` at the earliest step with the same weights, with a
+        `duplicate_checkpoint` anomaly; only rows whose answer changed are touched."""
+        changed = self.con.execute(
+            """
+            WITH firsts AS (SELECT content_hash, min(step) AS first FROM checkpoints
+                            WHERE model = $model AND status = 'ok' AND content_hash IS NOT NULL GROUP BY content_hash)
+            SELECT c.step, CASE WHEN f.first < c.step THEN f.first END AS dup, c.content_hash
+            FROM checkpoints c LEFT JOIN firsts f ON c.status = 'ok' AND f.content_hash = c.content_hash
+            WHERE c.model = $model AND dup IS DISTINCT FROM c.duplicate_of
+            """, {"model": model}).fetchall()
+        for step, dup, digest in changed:
+            self.con.execute("UPDATE checkpoints SET duplicate_of = ? WHERE model = ? AND step = ?", [dup, model, step])
+            self.con.execute("DELETE FROM anomalies WHERE model = ? AND step = ? AND run_id IS NULL AND kind = 'duplicate_checkpoint'",
+                             [model, step])
+            if dup is not None:
+                self._add_anomaly(model, step, None, "duplicate_checkpoint",
+                                  f"weights are byte-identical to step {dup} (sha256 {digest[:16]}…)")
 
     def replace_metrics(self, model: str, step: int, analyzer: str, metrics: list[str], rows: RunRows, parameters: dict) -> None:
         """Swap some metrics of an existing run for recomputed ones, in one transaction.
@@ -350,18 +377,7 @@ class Store:
         data["model"] = pa.array([model] * n, pa.string())
         data["step"] = pa.array([step] * n, pa.int64())
         for key, values in columns.items():
-            if key == "sv":
-                data[key] = pa.array(values, pa.list_(pa.float64()))
-            elif key == "shape":
-                data[key] = pa.array(values, pa.list_(pa.int64()))
-            elif key in ("layer", "rows", "cols", "first_seen_step"):
-                data[key] = pa.array(values, pa.int64())
-            elif key in ("value", "score", "loss"):
-                data[key] = pa.array(values, pa.float64())
-            elif key == "memorized":
-                data[key] = pa.array(values, pa.bool_())
-            else:
-                data[key] = pa.array(values, pa.string())
+            data[key] = _column(key, values)
         batch = pa.table(data)
         cols = ", ".join(batch.column_names)
         verb = "INSERT OR REPLACE" if replace_keys else "INSERT"
@@ -370,3 +386,22 @@ class Store:
             self.con.execute(f"{verb} INTO {table} ({cols}) SELECT {cols} FROM _ckptscope_batch")
         finally:
             self.con.unregister("_ckptscope_batch")
+
+
+def _column(key: str, values: list | pa.Array) -> pa.Array:
+    """A row column as the Arrow type of its store column (named alike in every table)."""
+    if isinstance(values, pa.Array):
+        return values
+    if key == "sv":
+        kind = pa.list_(pa.float64())
+    elif key == "shape":
+        kind = pa.list_(pa.int64())
+    elif key in ("layer", "rows", "cols", "first_seen_step"):
+        kind = pa.int64()
+    elif key in ("value", "score", "loss"):
+        kind = pa.float64()
+    elif key == "memorized":
+        kind = pa.bool_()
+    else:
+        kind = pa.string()
+    return pa.array(values, kind)
