@@ -1,15 +1,18 @@
 """ckptscope versus WeightWatcher, side by side, on checkpoints with Pythia's exact shapes.
 
 For each of pythia-70m, -160m, -410m: random weights with the real shapes are saved as real
-fp16 safetensors (two steps, so deltas exist). Then, alternating, several repeats:
+fp16 safetensors at steps 0, 500, 1000 and 2000; step 1000 is the one analyzed, so that it has
+a first, a previous and a final step distinct from it, as in the middle of a sweep. Then,
+alternating, several repeats:
 
 1. *common work*: the matrices WeightWatcher analyzes (its Linear layers; it skips the
    50,304-row embeddings) and the metrics it reports (alpha, alpha_weighted, log_norm,
    log_spectral_norm, stable_rank). WeightWatcher gets the model already in memory;
    ckptscope reads each matrix from the safetensors file inside the timed region.
-2. *full step*: everything ckptscope's weight analyzer stores for one step (embeddings,
-   QKV split, both deltas, distance to final, alpha, spectra) through the real
-   `ckptscope.ingest`, against WeightWatcher's smaller job on the same checkpoint.
+2. *full step*: everything ckptscope's weight analyzer stores for step 1000 (embeddings,
+   QKV split, deltas to steps 0 and 500, distance to step 2000, alpha, spectra) through the
+   real `ckptscope.ingest` (the other steps are ingested too, untimed), against
+   WeightWatcher's smaller job on the same checkpoint.
 
 Values are checked to agree (norms and stable rank to 1e-6 relative, alpha to 1e-3 where both
 choose the same x_min). Run: `python benchmarks/bench_weightwatcher.py [--sizes 70m,160m] [--repeats 3]`.
@@ -43,7 +46,7 @@ WW_METRICS = ("alpha", "alpha_weighted", "log_norm", "log_spectral_norm", "stabl
 
 
 def build(size: str, root: Path) -> tuple[torch.nn.Module, Path]:
-    """A GPT-NeoX model with Pythia's shapes and random weights, saved at steps 0 and 1000."""
+    """A GPT-NeoX model with Pythia's shapes and random weights, saved at steps 0, 500, 1000 and 2000."""
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
     hidden, layers, heads, inter = SHAPES[size]
@@ -54,7 +57,7 @@ def build(size: str, root: Path) -> tuple[torch.nn.Module, Path]:
     state = {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()}
     state["embed_out.weight"] = state.pop("lm_head.weight")
     gen = torch.Generator().manual_seed(1)
-    for step, scale in ((0, 0.0), (1000, 0.01)):
+    for step, scale in ((0, 0.0), (500, 0.005), (1000, 0.01), (2000, 0.02)):
         d = root / f"step{step}"
         d.mkdir(parents=True)
         cfg.to_json_file(d / "config.json")
@@ -62,7 +65,7 @@ def build(size: str, root: Path) -> tuple[torch.nn.Module, Path]:
         save_file(moved, str(d / "model.safetensors"))
     final = {k: v.float() for k, v in load_state(root / "step1000").items()}
     final["lm_head.weight"] = final.pop("embed_out.weight")
-    model.load_state_dict(final, strict=False)  # WeightWatcher sees exactly the step1000 values
+    model.load_state_dict(final, strict=False)  # WeightWatcher sees exactly the step 1000 values
     return model, root
 
 
@@ -133,8 +136,8 @@ def main() -> None:
                 ck_t.append(t)
                 store = Path(tmp) / "bench.duckdb"
                 store.unlink(missing_ok=True)
-                report = ckptscope.ingest(root, store=store, steps="1000", force=True)
-                full_t.append(report.filter(report["step"] == 1000)["seconds"].item())  # step 0 is analyzed too, untimed
+                report = ckptscope.ingest(root, store=store, steps="500,1000", force=True)  # and 0, 2000: references
+                full_t.append(report.filter(report["step"] == 1000)["seconds"].item())
             n, same, worst_norm, worst_alpha = compare(details, ours)
             w, c, f = statistics.median(ww_t), statistics.median(ck_t), statistics.median(full_t)
             rows.append((size, n, w, c, w / c, f, w / f, same, worst_norm, worst_alpha))

@@ -81,7 +81,7 @@ def test_unknown_tier_is_a_one_line_error(run, tmp_path):
 
 def test_ordered_map_keeps_order_bounds_memory_and_raises():
     running, peak, lock = {"all": 0, "big": 0}, {"all": 0, "big": 0}, threading.Lock()
-    sizes = {0: 10, 1: 10, 5: 10}  # three big jobs (cost 10), the rest cost 1: budget 10 + 2 x 1
+    sizes = {0: 10, 1: 10, 5: 10}  # three big jobs (cost 10), the rest cost 1: budget 2 x 10
 
     def work(i: int) -> int:
         kinds = ("all", "big") if i in sizes else ("all",)
@@ -97,7 +97,7 @@ def test_ordered_map_keeps_order_bounds_memory_and_raises():
 
     result = list(ordered_map(list(range(12)), work, lambda i: sizes.get(i, 1), threads=3))
     assert result == [(i, i * i) for i in range(12)]
-    assert peak == {"all": 3, "big": 1}  # small jobs run side by side, two big ones never do
+    assert peak == {"all": 3, "big": 2}  # small jobs run side by side, two big ones may, three never
 
     def boom(i: int) -> int:
         if i == 4:

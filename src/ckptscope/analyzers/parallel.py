@@ -39,15 +39,16 @@ def _one_blas_thread() -> Iterator[None]:
 def ordered_map(items: list[T], work: Callable[[T], R], cost: Callable[[T], int], *, threads: int) -> Iterator[tuple[T, R]]:
     """`work(item)` for every item on `threads` threads, yielded in input order.
 
-    Jobs start only while the bytes they hold (`cost`) fit in a budget of the largest job plus
-    `threads - 1` median ones: similar matrices run side by side, while two of the biggest
-    (say, the embedding and the unembedding) never do, so peak memory stays near a sequential pass's.
+    Jobs start only while the bytes they hold (`cost`) fit in a budget: twice the largest job, or
+    the largest plus `threads - 1` median ones if that is more. Two of the biggest jobs (say, the
+    embedding and the unembedding, which otherwise leave all but one thread idle) may run side by
+    side, a third never: peak memory stays within about twice a sequential pass's.
     """
     if threads <= 1:
         yield from ((item, work(item)) for item in items)
         return
     costs = sorted(map(cost, items))
-    budget = costs[-1] + (threads - 1) * costs[len(costs) // 2] if costs else 0
+    budget = max(2 * costs[-1], costs[-1] + (threads - 1) * costs[len(costs) // 2]) if costs else 0
     pending: deque = deque()
     held = 0
     with _one_blas_thread(), _pool(threads) as pool:
