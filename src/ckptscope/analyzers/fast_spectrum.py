@@ -40,7 +40,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ckptscope.analyzers.spectral import rank_norm_metrics, singular_values
+from ckptscope.analyzers.spectral import CHUNK_ELEMENTS, rank_norm_metrics, singular_values
 
 __all__ = [
     "EFFECTIVE_RANK_RTOL",
@@ -56,7 +56,6 @@ STABLE_RANK_RTOL = 2 * SPECTRAL_NORM_RTOL  # ‖W‖_F is exact: only σ₁² co
 TOP_K_RTOL = 1e-5  # |σ̂ᵢ - σᵢ| / σ₁ for every value in top_sv
 EFFECTIVE_RANK_RTOL = 2e-2  # |r̂ - r| / r
 
-CHUNK_ELEMENTS = 1 << 22  # elements per chunk of the Frobenius / working-copy pass: 32 MB in float64
 MIN_FAST_SIDE = 256  # up to this smaller side the exact tier is used: milliseconds, and exact
 _SAFETY = 4.0  # numerical_rank / energy_rank_99 need this margin over the error estimates
 _SETTLED = 1e-4  # the effective-rank estimate counts as settled below this relative change

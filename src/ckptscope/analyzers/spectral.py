@@ -46,6 +46,11 @@ _FIT_BLOCK_CELLS = 1 << 20
 
 
 GRAM_BLOCK = 256  # below this side the Gram update is one GEMM
+# float64 elements per chunk of a pass over a matrix: 16 MB. glibc serves blocks up to 32 MB from
+# its heap, reused without page faults; a larger temporary is a fresh mmap every time, and its
+# page faults cost 2-4x the fp16 -> float64 conversion itself. Gram updates also ran fastest at
+# 1-4K rows per chunk.
+CHUNK_ELEMENTS = 1 << 21
 
 
 def add_gram_(g: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
@@ -66,22 +71,23 @@ def add_gram_(g: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
     return g
 
 
-def gram(w: torch.Tensor, *, chunk: int = 8192) -> torch.Tensor:
+def gram(w: torch.Tensor, *, chunk: int | None = None) -> torch.Tensor:
     """float64 Gram matrix of the smaller side of a 2-D tensor.
 
     Returns WᵀW (cols x cols) if rows >= cols, else WWᵀ (rows x rows), on w's device.
     Its eigenvalues are the squared singular values of w. The long dimension is
-    processed `chunk` slices at a time and only one slice is upcast to float64,
-    so peak extra memory is one float64 chunk plus the (small side)² result.
+    processed `chunk` slices at a time (default: CHUNK_ELEMENTS / small side) and only one
+    slice is upcast to float64, so peak extra memory is one float64 chunk plus the (small side)² result.
     """
     if w.ndim != 2:
         raise ValueError(f"gram() needs a 2-D tensor, got shape {tuple(w.shape)}")
-    if chunk < 1:
+    if chunk is not None and chunk < 1:
         raise ValueError(f"chunk must be >= 1, got {chunk}")
     w = w.detach()
     rows, cols = w.shape
     tall = rows >= cols
     side, length = (cols, rows) if tall else (rows, cols)
+    chunk = chunk or max(1, CHUNK_ELEMENTS // max(side, 1))
     g = torch.zeros((side, side), dtype=torch.float64, device=w.device)
     for start in range(0, length, chunk):
         # block is (chunk x side) either way, so blockᵀ·block accumulates the Gram.

@@ -21,14 +21,13 @@ import torch
 from ckptscope.analyzers.base import AnalysisContext
 from ckptscope.analyzers.fast_spectrum import fast_spectrum
 from ckptscope.analyzers.parallel import ordered_map
-from ckptscope.analyzers.spectral import add_gram_, heavy_tail_metrics, rank_norm_metrics, singular_values_from_gram, vector_metrics
+from ckptscope.analyzers.spectral import CHUNK_ELEMENTS, add_gram_, heavy_tail_metrics, rank_norm_metrics, singular_values_from_gram, vector_metrics
 from ckptscope.errors import CkptscopeError
 from ckptscope.ingest.checkpoint import Checkpoint
 from ckptscope.ingest.layers import Role, classify, is_buffer, orient, split_qkv
 from ckptscope.store.db import RunRows
 
 FINAL_METRICS = ("final_cosine", "final_relative_distance")
-CHUNK_ELEMENTS = 1 << 21  # float64 elements per chunk: 16 MB (Gram updates ran fastest at 1-4K rows)
 TIERS = ("exact", "fast", "none")
 EXACT_MAX_SIDE = 4096  # tier exact falls back to fast above this smaller side (an eigensolve is O(side³))
 
@@ -72,8 +71,7 @@ def _one_pass(w: torch.Tensor, first: torch.Tensor | None, prev: torch.Tensor | 
     zeros = lambda: torch.zeros(n, n, dtype=torch.float64, device=device) if grams else None  # noqa: E731
     acc = _Pass(gram=zeros(), gram_init=zeros() if first is not None else None, gram_prev=zeros() if prev is not None else None)
     step = max(1, CHUNK_ELEMENTS // max(n, 1))
-    # Three float64 chunk buffers, reused: a fresh 16 MB tensor per conversion costs more in page
-    # faults than the conversion itself (measured 3.7x on fp16 -> float64).
+    # Three float64 chunk buffers, reused rather than a temporary per conversion and difference.
     rows = min(step, w.shape[0])
     a_buf, b_buf, d_buf = (torch.empty((rows, n), dtype=torch.float64, device=device) for _ in range(3))
     for s in range(0, w.shape[0], step):
