@@ -91,6 +91,7 @@ def test_add_gram_lower_triangle_equals_the_full_product(side: int) -> None:
     expected = 0.5 + a.T @ a
     torch.testing.assert_close(g.tril(), expected.tril(), rtol=1e-13, atol=1e-12)
     torch.testing.assert_close(gram(a), a.T @ a, rtol=1e-13, atol=1e-12)  # gram() mirrors it
+    torch.testing.assert_close(gram(a, mirror=False).tril(), (a.T @ a).tril(), rtol=1e-13, atol=1e-12)
 
 
 def test_gram_input_checks_and_no_grad() -> None:
