@@ -66,16 +66,17 @@ def main() -> None:
     ap.add_argument("--shapes", default=",".join(SHAPES))
     ap.add_argument("--families", default="init,trained")
     ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--device", default="cpu", help="where both tiers run (cpu, cuda)")
     args = ap.parse_args()
     print(f"# {date.today()} {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
-          f"torch {torch.__version__}, ckptscope {ckptscope.__version__}")
+          f"torch {torch.__version__}, ckptscope {ckptscope.__version__}, device {args.device}")
     print("| matrix | family | shape | exact s | fast s | speed-up | products | spectral norm rel. err | "
           "stable rank rel. err | top-32 max err / σ₁ | effective rank rel. err (est. rse) |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for name in args.shapes.split(","):
         for family in args.families.split(","):
-            w = matrix(SHAPES[name], family)
-            t_exact, sv = timed(lambda: singular_values(w), args.repeats)
+            w = matrix(SHAPES[name], family).to(args.device)
+            t_exact, sv = timed(lambda: singular_values(w), args.repeats)  # both return host arrays: timings include the sync
             exact = rank_norm_metrics(sv)
             t_fast, fs = timed(lambda: fast_spectrum(w, k=K), args.repeats)
 

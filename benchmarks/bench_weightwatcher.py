@@ -85,15 +85,17 @@ def run_weightwatcher(model: torch.nn.Module):
     return ww.WeightWatcher(model=model).analyze()
 
 
-def run_ckptscope_common(path: Path, names: list[str]) -> dict[str, dict[str, float]]:
-    """WeightWatcher's metrics on its matrices, read from disk, as the weight analyzer runs them (`ordered_map`)."""
+def run_ckptscope_common(path: Path, names: list[str], device: str = "cpu") -> dict[str, dict[str, float]]:
+    """WeightWatcher's metrics on its matrices, read from disk, as the weight analyzer runs them
+    (`ordered_map` on CPU, one matrix at a time on a GPU)."""
     ck = Checkpoint(path, step=1000)
 
     def metrics(name: str) -> dict[str, float]:
-        sv = singular_values(ck.read(name))
+        sv = singular_values(ck.read(name).to(device))
         return {**rank_norm_metrics(sv), **heavy_tail_metrics(sv)}
 
-    jobs = ordered_map(names, metrics, lambda n: ck.tensors[n].nbytes, threads=torch.get_num_threads())
+    threads = torch.get_num_threads() if device == "cpu" else 1
+    jobs = ordered_map(names, metrics, lambda n: ck.tensors[n].nbytes, threads=threads)
     return dict(jobs)
 
 
@@ -120,9 +122,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="70m,160m,410m")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--device", default="cpu", help="where ckptscope runs (cpu, cuda); WeightWatcher stays on CPU")
     args = ap.parse_args()
     print(f"# {date.today()} {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
-          f"torch {torch.__version__}, ckptscope {ckptscope.__version__}")
+          f"torch {torch.__version__}, ckptscope {ckptscope.__version__}, ckptscope device {args.device}")
     rows = []
     for size in args.sizes.split(","):
         with tempfile.TemporaryDirectory() as tmp:
@@ -132,11 +135,11 @@ def main() -> None:
             for _ in range(args.repeats):
                 t, details = timed(lambda: run_weightwatcher(model))
                 ww_t.append(t)
-                t, ours = timed(lambda: run_ckptscope_common(root / "step1000", names))
+                t, ours = timed(lambda: run_ckptscope_common(root / "step1000", names, args.device))
                 ck_t.append(t)
                 store = Path(tmp) / "bench.duckdb"
                 store.unlink(missing_ok=True)
-                report = ckptscope.ingest(root, store=store, steps="500,1000", force=True)  # and 0, 2000: references
+                report = ckptscope.ingest(root, store=store, steps="500,1000", force=True, device=args.device)  # and 0, 2000: references
                 full_t.append(report.filter(report["step"] == 1000)["seconds"].item())
             n, same, worst_norm, worst_alpha = compare(details, ours)
             w, c, f = statistics.median(ww_t), statistics.median(ck_t), statistics.median(full_t)
