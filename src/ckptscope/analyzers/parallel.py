@@ -11,12 +11,13 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from typing import TypeVar
 
 import torch
 
+WINDOW = 8  # jobs in flight per thread, finished or not: bounds the results held back for order
 T = TypeVar("T")
 R = TypeVar("R")
 
@@ -39,28 +40,37 @@ def _one_blas_thread() -> Iterator[None]:
 def ordered_map(items: list[T], work: Callable[[T], R], cost: Callable[[T], int], *, threads: int) -> Iterator[tuple[T, R]]:
     """`work(item)` for every item on `threads` threads, yielded in input order.
 
-    Jobs start only while the bytes they hold (`cost`) fit in a budget: twice the largest job, or
-    the largest plus `threads - 1` median ones if that is more. Two of the biggest jobs (say, the
-    embedding and the unembedding, which otherwise leave all but one thread idle) may run side by
-    side, a third never: peak memory stays within about twice a sequential pass's.
+    Jobs start only while the bytes that running jobs hold (`cost`) fit in a budget: twice the
+    largest job, or the largest plus `threads - 1` median ones if that is more. Two of the biggest
+    jobs (say, the embedding and the unembedding, which otherwise leave all but one thread idle)
+    may run side by side, a third never: peak memory stays within about twice a sequential pass's.
+    A finished job frees its share at once, though its result waits for the ones before it, so a
+    long job does not stall the threads behind it (up to `WINDOW` jobs per thread ahead of it).
     """
     if threads <= 1:
         yield from ((item, work(item)) for item in items)
         return
     costs = sorted(map(cost, items))
     budget = max(2 * costs[-1], costs[-1] + (threads - 1) * costs[len(costs) // 2]) if costs else 0
-    pending: deque = deque()
-    held = 0
+    pending: deque[tuple[T, Future, int]] = deque()
+
+    def running() -> list[tuple[Future, int]]:
+        return [(future, size) for _, future, size in pending if not future.done()]
+
     with _one_blas_thread(), _pool(threads) as pool:
         try:
             for item in items:
                 need = cost(item)
-                while pending and (len(pending) >= 2 * threads or held + need > budget):
-                    done, future, size = pending.popleft()
-                    held -= size
-                    yield done, future.result()
+                while pending:
+                    if pending[0][1].done():  # in order: the oldest result first
+                        done, future, _ = pending.popleft()
+                        yield done, future.result()
+                        continue
+                    active = running()
+                    if len(pending) < WINDOW * threads and sum(size for _, size in active) + need <= budget:
+                        break
+                    wait([future for future, _ in active], return_when=FIRST_COMPLETED)
                 pending.append((item, pool.submit(work, item), need))
-                held += need
             while pending:
                 done, future, _ = pending.popleft()
                 yield done, future.result()
