@@ -110,6 +110,20 @@ def test_ordered_map_keeps_order_bounds_memory_and_raises():
     assert torch.get_num_threads() == threads  # the caller's BLAS threads are restored
 
 
+def test_ordered_map_runs_past_a_long_job():
+    """Item 0 runs until item 9 has started: the other thread must work through items 1-9 while
+    their results wait, in order, behind item 0's."""
+    started = threading.Event()
+
+    def work(i: int) -> bool:
+        if i == 9:
+            started.set()
+        return started.wait(timeout=30) if i == 0 else True
+
+    result = list(ordered_map(list(range(12)), work, lambda i: 1, threads=2))
+    assert result == [(i, True) for i in range(12)]
+
+
 def test_a_v1_store_is_read_as_is_and_upgraded_on_first_write(run, tmp_path):
     store = tmp_path / "v1.duckdb"
     con = duckdb.connect(str(store))
