@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +18,7 @@ import ckptscope
 from ckptscope.analyzers.base import AnalysisContext
 from ckptscope.analyzers.corpus import load_corpus
 from ckptscope.analyzers.memorization import MemorizationAnalyzer
+from ckptscope.analyzers.parallel import one_blas_thread
 from ckptscope.analyzers.weights import WeightAnalyzer
 from ckptscope.errors import CkptscopeError, SourceError
 from ckptscope.ingest.checkpoint import Checkpoint
@@ -29,17 +29,6 @@ from runs import write_checkpoint
 VOCAB, LENGTH, PROMPT = 64, 64, 32
 STEPS = [0, 10, 60]  # saved steps; 60 is the end of training
 EMPTY_TENSORS = {k: [] for k in ("tensor", "layer", "component", "shape", "dtype")}
-
-
-@contextmanager
-def one_thread():
-    """Ops this small only pay for thread synchronisation, and badly so on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def train(root: Path) -> torch.Tensor:
@@ -54,7 +43,7 @@ def train(root: Path) -> torch.Tensor:
     gen = torch.Generator().manual_seed(1)
     canaries = torch.randint(1, VOCAB, (4, LENGTH), generator=gen)  # no EOS (0) inside
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    with one_thread():
+    with one_blas_thread():
         for step in range(STEPS[-1] + 1):
             if step in STEPS:  # stored as float16 like Pythia, under Pythia's tensor names
                 state = {k: v.detach().clone() for k, v in model.state_dict().items()}

@@ -40,6 +40,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ckptscope.analyzers.parallel import one_blas_thread
 from ckptscope.analyzers.spectral import CHUNK_ELEMENTS, rank_norm_metrics, singular_values
 
 __all__ = [
@@ -211,7 +212,7 @@ class _BlockLanczos:
         self.capacity = block * max(1, min(max_products // block, m // block - 1))
         self.gen = torch.Generator().manual_seed(seed)
         f64 = {"dtype": torch.float64, "device": a.device}
-        with _lapack_threads():
+        with one_blas_thread():
             q0, self.r0 = torch.linalg.qr(self._rademacher(m, block))
         self.basis = torch.empty((m, self.capacity + block), **f64)
         self.basis[:, :block] = q0
@@ -253,7 +254,7 @@ class _BlockLanczos:
         as rounding noise that is not orthogonal to the basis; such columns are replaced by
         random vectors, which keeps the basis orthonormal so that T stays a valid projection.
         """
-        with _lapack_threads():
+        with one_blas_thread():
             q, _ = torch.linalg.qr(z)
             for _ in range(3):
                 q = q - done @ (done.T @ q)
@@ -271,7 +272,7 @@ class _BlockLanczos:
         (y_last: the last block of y), and with X = Q₀R₀ the quadrature weight of probe c is
         (R₀ᵀ·y_first)_c²: only Q₀ meets the probes.
         """
-        with _lapack_threads():
+        with one_blas_thread():
             theta, y = torch.linalg.eigh(self.t[: self.dim, : self.dim])
         theta, y = theta.flip(0), y.flip(1)
         residual = torch.linalg.norm(self.coupling @ y[self.dim - self.block :], dim=0)
@@ -315,20 +316,6 @@ def _iterate(lanczos: _BlockLanczos, *, k: int, tol: float) -> tuple[np.ndarray,
         previous = erank
         if (lanczos.dim >= k and converged[:k].all() and settled) or last:
             return sigma[:k], err[:k], erank, rse
-
-
-class _lapack_threads:
-    """Run LAPACK calls (QR, eigh) on one thread on the CPU: right after torch's multi-threaded
-    BLAS work they ran 10-50x slower on more (see spectral.singular_values_from_gram)."""
-
-    def __enter__(self) -> None:
-        self.saved = torch.get_num_threads()
-        if self.saved > 1:
-            torch.set_num_threads(1)
-
-    def __exit__(self, *exc: object) -> None:
-        if self.saved > 1:
-            torch.set_num_threads(self.saved)
 
 
 class _full_fp32_precision:

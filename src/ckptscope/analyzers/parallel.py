@@ -3,7 +3,7 @@
 On CPU the spectral work of a checkpoint is hundreds of independent (Gram, eigensolve, fit)
 jobs. Running them side by side, each with one BLAS/LAPACK thread, beats running one at a time
 with all threads: eigensolves scale poorly over cores, and interleaving torch's OpenMP BLAS with
-LAPACK made the eigensolve 10-50x slower (see `spectral.singular_values_from_gram`). It also
+LAPACK made the eigensolve 10-50x slower (see `one_blas_thread`). It also
 makes every float64 result independent of the core count, so all executors give identical rows.
 """
 
@@ -28,13 +28,21 @@ def _pool(threads: int) -> ThreadPoolExecutor:
 
 
 @contextmanager
-def _one_blas_thread() -> Iterator[None]:
+def one_blas_thread() -> Iterator[None]:
+    """Run torch's CPU kernels on one thread inside the block, then restore the caller's count.
+
+    For LAPACK calls (eigh, QR): right after torch's multi-threaded BLAS work they ran 10-50x
+    slower on more threads, fighting its spinning OpenMP workers (512x512 eigh: 0.06 s vs
+    0.6-2.6 s). Also for tiny ops that only pay for thread synchronisation.
+    """
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    if threads > 1:
+        torch.set_num_threads(1)
     try:
         yield
     finally:
-        torch.set_num_threads(threads)
+        if threads > 1:
+            torch.set_num_threads(threads)
 
 
 def ordered_map(items: list[T], work: Callable[[T], R], cost: Callable[[T], int], *, threads: int) -> Iterator[tuple[T, R]]:
@@ -57,7 +65,7 @@ def ordered_map(items: list[T], work: Callable[[T], R], cost: Callable[[T], int]
     def running() -> list[tuple[Future, int]]:
         return [(future, size) for _, future, size in pending if not future.done()]
 
-    with _one_blas_thread(), _pool(threads) as pool:
+    with one_blas_thread(), _pool(threads) as pool:
         try:
             for item in items:
                 need = cost(item)

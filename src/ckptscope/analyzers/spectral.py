@@ -17,10 +17,13 @@ The price is accuracy for the tiniest singular values: an eigenvalue error of
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+from ckptscope.analyzers.parallel import one_blas_thread
 
 __all__ = [
     "PowerLawFit",
@@ -103,20 +106,11 @@ def singular_values_from_gram(g: torch.Tensor) -> np.ndarray:
 
     Rounding can make the smallest eigenvalues of a PSD Gram matrix slightly
     negative; they are clipped to 0 before the square root. On CPU the eigensolve
-    runs on one thread: multi-threaded LAPACK (torch's or numpy's) right after
-    torch's BLAS work fights its spinning OpenMP threads and ran 10-50x slower
-    (512x512: 0.06 s on one thread vs 0.6-2.6 s).
+    runs on one thread (see `parallel.one_blas_thread`).
     """
     g = g.to(torch.float64)
-    threads = torch.get_num_threads()
-    if g.device.type == "cpu" and threads > 1:
-        torch.set_num_threads(1)
-        try:
-            evals = torch.linalg.eigvalsh(g, UPLO="L").numpy()  # ascending
-        finally:
-            torch.set_num_threads(threads)
-    else:  # already single-threaded (the weight analyzer's matrix threads), or on a GPU
-        evals = torch.linalg.eigvalsh(g, UPLO="L").cpu().numpy()
+    with one_blas_thread() if g.device.type == "cpu" else nullcontext():
+        evals = torch.linalg.eigvalsh(g, UPLO="L").cpu().numpy()  # ascending
     return np.ascontiguousarray(np.sqrt(np.clip(evals, 0.0, None))[::-1])
 
 
