@@ -309,3 +309,13 @@ class _RelayHandler(BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args: object) -> None:  # keep test output quiet
         pass
+
+
+def glob_live(root: Path, pattern: str) -> list[Path]:
+    """`root.glob(pattern)` on a cache that a download or an eviction is changing: a directory
+    that vanishes mid-walk makes pathlib raise, so the walk starts over."""
+    while True:
+        try:
+            return list(root.glob(pattern))
+        except FileNotFoundError:
+            continue

@@ -18,7 +18,7 @@ import torch
 from ckptscope.errors import MissingRevision, SourceError
 from ckptscope.ingest.catalog import FAMILIES, Suite, describe, list_suites, resolve
 from ckptscope.ingest.local import CheckpointRef
-from hubserver import FaultProxy, LfsFile, checkpoint_files, serve
+from hubserver import FaultProxy, LfsFile, checkpoint_files, glob_live, serve
 from runs import neox_state, trajectory
 
 PYTHIA_STEPS = [0, 1, 2, 4, 1000]
@@ -74,7 +74,7 @@ def source(tmp_path: Path, name: str = "pythia-14m", **kw):
 def cached_files(tmp_path: Path) -> list[str]:
     """Every file and symlink in the HF cache, lock files and the cache tag aside."""
     root = tmp_path / "cache"
-    return sorted(str(p.relative_to(root)) for p in root.rglob("*")
+    return sorted(str(p.relative_to(root)) for p in glob_live(root, "**/*")
                   if (p.is_file() or p.is_symlink()) and ".locks" not in p.parts and p.name != "CACHEDIR.TAG")
 
 

@@ -10,7 +10,7 @@ import pytest
 
 import ckptscope
 from ckptscope.errors import SourceError
-from hubserver import checkpoint_files, serve
+from hubserver import checkpoint_files, glob_live, serve
 from runs import neox_state, trajectory, write_run
 
 STEPS = [0, 1, 2, 4, 8, 16, 32]
@@ -34,12 +34,7 @@ def suite(tmp_path_factory):
 
 
 def snapshots(cache: Path) -> int:
-    """Weight files in the cache; a directory evicted while it is being listed is counted again."""
-    while True:
-        try:
-            return len(list(cache.glob("models--*/snapshots/*/*.bin")))
-        except FileNotFoundError:
-            continue
+    return len(glob_live(cache, "models--*/snapshots/*/*.bin"))
 
 
 def test_hub_sweep_matches_local_and_keeps_cache_bounded(suite, tmp_path):

@@ -188,6 +188,11 @@ def test_duplicate_and_nan_are_flagged_not_fatal(neox, tmp_path):
         n = db.sql("SELECT count(*) FROM metrics WHERE step = 4 AND tensor = 'gpt_neox.layers.0.attention.dense.weight'").item()
         assert n == 0
         assert db.sql("SELECT count(DISTINCT tensor) FROM metrics WHERE step = 4").item() > 20
+        # step 8's previous step is 4: against the NaN/Inf tensor there is no delta_prev, the rest stands
+        prefixes = db.sql("SELECT DISTINCT split_part(metric, '_', 1) || '_' || split_part(metric, '_', 2) AS p FROM metrics "
+                          "WHERE step = 8 AND tensor = 'gpt_neox.layers.0.attention.dense.weight'")["p"].to_list()
+        assert "delta_init" in prefixes and "delta_prev" not in prefixes
+        assert db.sql("SELECT count(*) FROM metrics WHERE step = 8 AND metric = 'delta_prev_spectral_norm'").item() >= 10
 
 
 def test_rerun_skips_and_later_final_rebases(neox, tmp_path):

@@ -51,8 +51,8 @@ _FIT_BLOCK_CELLS = 1 << 20
 GRAM_BLOCK = 256  # below this side the Gram update is one GEMM
 # float64 elements per chunk of a pass over a matrix: 16 MB. glibc serves blocks up to 32 MB from
 # its heap, reused without page faults; a larger temporary is a fresh mmap every time, and its
-# page faults cost 2-4x the fp16 -> float64 conversion itself. Gram updates also ran fastest at
-# 1-4K rows per chunk.
+# page faults cost 3-5x the fp16 -> float64 conversion itself (benchmarks/bench_kernels.py).
+# Gram updates also ran fastest at 1-4K rows per chunk.
 CHUNK_ELEMENTS = 1 << 21
 
 
@@ -82,7 +82,7 @@ def gram(w: torch.Tensor, *, chunk: int | None = None, mirror: bool = True) -> t
     processed `chunk` slices at a time (default: CHUNK_ELEMENTS / small side) and only one
     slice is upcast to float64, so peak extra memory is one float64 chunk plus the (small side)² result.
     With `mirror=False` only the lower triangle is valid, which is all an eigensolve reads
-    (mirroring a 1024² matrix took 40% as long as its 1024-row Gram product).
+    (mirroring a 1024² matrix took 70% as long as its 1024-row Gram product).
     """
     if w.ndim != 2:
         raise ValueError(f"gram() needs a 2-D tensor, got shape {tuple(w.shape)}")

@@ -104,11 +104,6 @@ def _sq(t: torch.Tensor) -> float:
     return float(torch.dot(flat, flat))
 
 
-def _sv(g: torch.Tensor | None):
-    """Singular values from a Gram matrix, or None when it is non-finite (a NaN/Inf reference)."""
-    return singular_values_from_gram(g) if g is not None and bool(torch.isfinite(g).all()) else None
-
-
 def _prefixed(prefix: str, values: dict[str, float]) -> dict[str, float]:
     return {f"{prefix}{k}": v for k, v in values.items()}
 
@@ -279,58 +274,45 @@ class WeightAnalyzer:
         tier = self.tier(m["w"].shape)
         values: dict[str, float] = {}
         if not final_only:
-            values.update({"exact": self._exact, "fast": self._fast, "none": self._norms}[tier](name, role, component, m, acc, ctx, out))
+            values.update(self._spectral(name, role, component, tier, m, acc, ctx, out))
         if m["final"] is not None:
             values.update(_final_metrics(acc))
         elif ctx.final is None:  # this is the final step
             values.update({"final_cosine": 1.0, "final_relative_distance": 0.0})
         out.add_metrics(name, role.layer, component, _finite(values), tier=tier)
 
-    def _exact(self, name: str, role: Role, component: str, m: dict, acc: _Pass, ctx: AnalysisContext,
-               out: RunRows) -> dict[str, float]:
+    def _spectral(self, name: str, role: Role, component: str, tier: str, m: dict, acc: _Pass, ctx: AnalysisContext,
+                  out: RunRows) -> dict[str, float]:
+        """The metrics (and stored spectra) of W and of both deltas, in the matrix's tier."""
         shape = tuple(m["w"].shape)
-        sv = singular_values_from_gram(acc.gram)
-        values = {**rank_norm_metrics(sv, rtol=self.rtol), **heavy_tail_metrics(sv)}
-        if "weight" in self.spectra:
-            out.add_spectrum(name, role.layer, component, "weight", shape, sv)
-        for kind, gram_, sq_ref, ref in (("delta_init", acc.gram_init, acc.sq_first, "first"),
-                                          ("delta_prev", acc.gram_prev, acc.sq_prev, "previous")):
-            if (sv_d := _sv(gram_)) is not None:
-                values.update(self._delta(f"{kind}_", rank_norm_metrics(sv_d, rtol=self.rtol), sq_ref))
-                if kind in self.spectra:
-                    out.add_spectrum(name, role.layer, component, kind, shape, sv_d)
+        values, sv = self._spectrum(tier, m["w"], None, acc.gram, acc.sq_w)
+        # alpha and WeightWatcher's log norms need the whole spectrum; the other tiers get the log norms it has
+        values.update(heavy_tail_metrics(sv) if tier == "exact" else self._log_norms(acc.sq_w, values.get("spectral_norm")))
+        if sv is not None and "weight" in self.spectra:
+            out.add_spectrum(name, role.layer, component, "weight", shape, sv, tier=tier)
+        for kind, ref, g, sq_diff, sq_ref in (("delta_init", m["first"], acc.gram_init, acc.sq_diff_first, acc.sq_first),
+                                              ("delta_prev", m["previous"], acc.gram_prev, acc.sq_diff_prev, acc.sq_prev)):
+            if ref is not None and math.isfinite(sq_diff):  # a NaN/Inf reference gives no delta
+                delta, sv_d = self._spectrum(tier, m["w"], ref, g, sq_diff)
+                values.update(self._delta(f"{kind}_", delta, sq_ref))
+                if sv_d is not None and kind in self.spectra:
+                    out.add_spectrum(name, role.layer, component, kind, shape, sv_d, tier=tier)
             elif kind == "delta_init" and ctx.first is None:  # this is the first step: ΔW = 0 exactly
-                values.update(self._delta("delta_init_", rank_norm_metrics(np.zeros(1), rtol=self.rtol), acc.sq_w))
+                zero = rank_norm_metrics(np.zeros(1), rtol=self.rtol) if tier != "none" else {"frobenius_norm": 0.0}
+                values.update(self._delta("delta_init_", zero, acc.sq_w))
         return values
 
-    def _fast(self, name: str, role: Role, component: str, m: dict, acc: _Pass, ctx: AnalysisContext,
-              out: RunRows) -> dict[str, float]:
-        shape = tuple(m["w"].shape)
-        fs = fast_spectrum(m["w"], k=self.fast_k, rtol=self.rtol)
-        values = {**fs.metrics, **self._log_norms(acc.sq_w, fs.metrics.get("spectral_norm", 0.0))}
-        if "weight" in self.spectra:
-            out.add_spectrum(name, role.layer, component, "weight", shape, fs.top_sv, tier="fast")
-        for kind, sq_diff, sq_ref, ref in (("delta_init", acc.sq_diff_first, acc.sq_first, m["first"]),
-                                            ("delta_prev", acc.sq_diff_prev, acc.sq_prev, m["previous"])):
-            if ref is not None and math.isfinite(sq_diff):
-                fd = fast_spectrum(m["w"], minus=ref, k=self.fast_k, rtol=self.rtol)
-                values.update(self._delta(f"{kind}_", fd.metrics, sq_ref))
-                if kind in self.spectra:
-                    out.add_spectrum(name, role.layer, component, kind, shape, fd.top_sv, tier="fast")
-            elif kind == "delta_init" and ctx.first is None:
-                values.update(self._delta("delta_init_", rank_norm_metrics(np.zeros(1), rtol=self.rtol), acc.sq_w))
-        return values
-
-    def _norms(self, name: str, role: Role, component: str, m: dict, acc: _Pass, ctx: AnalysisContext,
-               out: RunRows) -> dict[str, float]:
-        values = {"frobenius_norm": math.sqrt(acc.sq_w), **self._log_norms(acc.sq_w, None)}
-        for kind, sq_diff, sq_ref, ref in (("delta_init", acc.sq_diff_first, acc.sq_first, m["first"]),
-                                            ("delta_prev", acc.sq_diff_prev, acc.sq_prev, m["previous"])):
-            if ref is not None:
-                values.update(self._delta(f"{kind}_", {"frobenius_norm": math.sqrt(sq_diff)}, sq_ref))
-            elif kind == "delta_init" and ctx.first is None:
-                values.update(self._delta("delta_init_", {"frobenius_norm": 0.0}, acc.sq_w))
-        return values
+    def _spectrum(self, tier: str, w: torch.Tensor, ref: torch.Tensor | None, g: torch.Tensor | None,
+                  sq: float) -> tuple[dict[str, float], np.ndarray | None]:
+        """(rank and norm metrics, singular values to store) of w - ref (w if ref is None), whose
+        float64 Gram (lower triangle; tier exact) is g and squared Frobenius norm sq."""
+        if tier == "exact":
+            sv = singular_values_from_gram(g)
+            return rank_norm_metrics(sv, rtol=self.rtol), sv
+        if tier == "fast":
+            fs = fast_spectrum(w, minus=ref, k=self.fast_k, rtol=self.rtol)
+            return dict(fs.metrics), fs.top_sv
+        return {"frobenius_norm": math.sqrt(sq)}, None
 
     @staticmethod
     def _log_norms(sq_w: float, sigma1: float | None) -> dict[str, float]:
