@@ -27,8 +27,8 @@ import torch
 from ckptscope.analyzers.base import AnalysisContext
 from ckptscope.analyzers.convergence import ConvergenceAnalyzer
 from ckptscope.analyzers.memorization import MemorizationAnalyzer
-from ckptscope.ingest.checkpoint import Checkpoint
-from ckptscope.ingest.layers import family
+from ckptscope.sources.checkpoint import Checkpoint
+from ckptscope.sources.layers import family
 
 DEMO = Path(__file__).resolve().parents[1] / "src" / "ckptscope" / "demo_suite"
 SHAPES = {  # hidden, layers, heads, intermediate, vocab

@@ -35,7 +35,7 @@ from safetensors.torch import save_file
 import ckptscope
 from ckptscope.analyzers.parallel import ordered_map
 from ckptscope.analyzers.spectral import heavy_tail_metrics, rank_norm_metrics, singular_values
-from ckptscope.ingest.checkpoint import Checkpoint
+from ckptscope.sources.checkpoint import Checkpoint
 
 SHAPES = {  # hidden, layers, heads, intermediate (Pythia configs), vocab 50304
     "70m": (512, 6, 8, 2048),

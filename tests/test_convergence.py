@@ -15,8 +15,8 @@ from ckptscope.analyzers.base import AnalysisContext
 from ckptscope.analyzers.cka import linear_cka
 from ckptscope.analyzers.convergence import ConvergenceAnalyzer
 from ckptscope.errors import CkptscopeError
-from ckptscope.ingest.checkpoint import Checkpoint
-from ckptscope.ingest.layers import family
+from ckptscope.sources.checkpoint import Checkpoint
+from ckptscope.sources.layers import family
 from ckptscope.store.db import CheckpointRows, RunRows, Store
 from runs import neox_state, trajectory, write_run
 

@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from ckptscope.errors import MissingRevision, SourceError
-from ckptscope.ingest.catalog import FAMILIES, Suite, describe, list_suites, resolve
-from ckptscope.ingest.local import CheckpointRef
+from ckptscope.sources.catalog import FAMILIES, Suite, describe, list_suites, resolve
+from ckptscope.sources.local import CheckpointRef
 from hubserver import FaultProxy, LfsFile, checkpoint_files, glob_live, serve
 from runs import neox_state, trajectory
 
@@ -65,7 +65,7 @@ def hub(tmp_path_factory, weights):
 
 
 def source(tmp_path: Path, name: str = "pythia-14m", **kw):
-    from ckptscope.ingest.hub import HubSource
+    from ckptscope.sources.hub import HubSource
 
     kw = {"retries": 1, "backoff": 0.01, "min_free_bytes": 0, **kw}
     return HubSource(name, cache_dir=tmp_path / "cache", **kw)

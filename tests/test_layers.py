@@ -1,4 +1,4 @@
-"""Tests for ckptscope.ingest.layers against the parameter names real transformers models produce.
+"""Tests for ckptscope.sources.layers against the parameter names real transformers models produce.
 
 Names come from tiny models built by the installed transformers, both from ``state_dict()``
 and from the safetensors file ``save_pretrained`` writes, because the two differ (tied
@@ -19,7 +19,7 @@ from safetensors import safe_open
 from transformers.models.gpt2 import modeling_gpt2
 from transformers.models.gpt_neox import modeling_gpt_neox
 
-from ckptscope.ingest.layers import (
+from ckptscope.sources.layers import (
     COMPONENTS,
     Role,
     classify,

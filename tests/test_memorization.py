@@ -21,8 +21,8 @@ from ckptscope.analyzers.memorization import MemorizationAnalyzer
 from ckptscope.analyzers.parallel import one_blas_thread
 from ckptscope.analyzers.weights import WeightAnalyzer
 from ckptscope.errors import CkptscopeError, SourceError
-from ckptscope.ingest.checkpoint import Checkpoint
-from ckptscope.ingest.layers import family
+from ckptscope.sources.checkpoint import Checkpoint
+from ckptscope.sources.layers import family
 from ckptscope.store.db import CheckpointRows, Store
 from runs import write_checkpoint
 

@@ -1,13 +1,13 @@
 """ckptscope: how every layer of a network changes across training checkpoints.
 
-Data flows one way: a source yields checkpoints (`ckptscope.ingest`), a checkpoint yields
+Data flows one way: a source yields checkpoints (`ckptscope.sources`), a checkpoint yields
 tensors, analyzers turn tensors into rows (`ckptscope.analyzers`), the store writes rows
 (`ckptscope.store`), and reports and SQL read the store.
 """
 
 from typing import Any
 
-import ckptscope.ingest  # noqa: F401  bound first, so that the function below owns the name `ingest`
+
 from ckptscope.errors import CkptscopeError
 from ckptscope.store.db import Store, default_store_path
 

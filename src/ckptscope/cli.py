@@ -230,7 +230,7 @@ def memorization(model, store, steps, device, batch_size, force, corpus, prompt_
 @_friendly
 def suites(name):
     """List the suite catalog, or show one family's members and step grids (e.g. `suites pythia`)."""
-    from ckptscope.ingest.catalog import describe, list_suites
+    from ckptscope.sources.catalog import describe, list_suites
 
     entries = describe(name) if name else list_suites()
     table = pl.DataFrame({

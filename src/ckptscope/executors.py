@@ -37,9 +37,9 @@ import torch
 from ckptscope.analyzers.base import AnalysisContext, Analyzer
 from ckptscope.analyzers.registry import build_analyzers
 from ckptscope.errors import CkptscopeError, MissingRevision, SourceError
-from ckptscope.ingest.checkpoint import Checkpoint
-from ckptscope.ingest.layers import classify, family, is_buffer
-from ckptscope.ingest.local import CheckpointRef, Source
+from ckptscope.sources.checkpoint import Checkpoint
+from ckptscope.sources.layers import classify, family, is_buffer
+from ckptscope.sources.local import CheckpointRef, Source
 from ckptscope.store.db import RunRows
 
 log = logging.getLogger(__name__)

@@ -28,10 +28,10 @@ from ckptscope.analyzers.weights import FINAL_METRICS, WeightAnalyzer
 from ckptscope.errors import CkptscopeError, SourceError
 from ckptscope.executors import (AnalyzerSpec, Architecture, Checkpoints, Executor, SourceSpec, StepResult, StepsFailed,
                                  StepTask, check_options, describe, is_fatal, make_executor, tensor_rows)
-from ckptscope.ingest.checkpoint import Checkpoint
-from ckptscope.ingest.layers import classify
-from ckptscope.ingest.local import CheckpointRef, LocalSource, Source, parse_explicit_steps
-from ckptscope.ingest.steps import select_steps
+from ckptscope.sources.checkpoint import Checkpoint
+from ckptscope.sources.layers import classify
+from ckptscope.sources.local import CheckpointRef, LocalSource, Source, parse_explicit_steps
+from ckptscope.sources.steps import select_steps
 from ckptscope.store.db import CheckpointRows, ModelRow, Store, default_store_path
 
 log = logging.getLogger(__name__)
@@ -84,7 +84,7 @@ def open_source(source: str | Path, *, steps: str | None = None, revision_patter
     if (explicit is not None or isinstance(source, Path) or Path(text).expanduser().exists()
             or text.startswith(("/", ".", "~")) or text.count("/") > 1):
         return LocalSource(text, explicit)
-    from ckptscope.ingest.hub import HubSource  # loads huggingface_hub only for hub sources
+    from ckptscope.sources.hub import HubSource  # loads huggingface_hub only for hub sources
 
     return HubSource(text, revision_pattern=revision_pattern, keep=keep, cache_dir=Path(cache_dir) if cache_dir else None)
 
@@ -162,7 +162,7 @@ def ingest(source: str | Path, *, store: Store | str | Path | None = None, name:
            progress: bool = False) -> pl.DataFrame:
     """Analyze the checkpoints of a local run or a hub suite into the store; one row per step written.
 
-    `steps` is a selection SPEC (see `ckptscope.ingest.steps`) or explicit `STEP=PATH` pairs.
+    `steps` is a selection SPEC (see `ckptscope.sources.steps`) or explicit `STEP=PATH` pairs.
     Steps already analyzed are skipped unless `force`. Raises `CkptscopeError` on bad input,
     before anything is written. Hub downloads are evicted after use unless `keep`. `probe`
     feeds the `convergence` analyzer, `corpus` the `memorization` analyzer; `spectrum` and

@@ -19,8 +19,8 @@ import torch
 
 from ckptscope.analyzers.base import AnalysisContext
 from ckptscope.errors import SourceError
-from ckptscope.ingest.checkpoint import Checkpoint
-from ckptscope.ingest.layers import family
+from ckptscope.sources.checkpoint import Checkpoint
+from ckptscope.sources.layers import family
 
 CAUSAL, MASKED = "causal", "masked"
 COMPONENTS = ("resid", "attn_out", "mlp_out")

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from ckptscope.ingest.checkpoint import Checkpoint
+from ckptscope.sources.checkpoint import Checkpoint
 from ckptscope.store.db import RunRows
 
 

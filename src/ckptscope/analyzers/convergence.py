@@ -27,7 +27,7 @@ from ckptscope.analyzers.base import AnalysisContext
 from ckptscope.analyzers.cka import Cross, Side, Summary
 from ckptscope.analyzers.corpus import Sequences, check_vocab, load_corpus
 from ckptscope.errors import CkptscopeError
-from ckptscope.ingest.checkpoint import Checkpoint
+from ckptscope.sources.checkpoint import Checkpoint
 from ckptscope.store.db import RunRows
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # (input_ids, attention_mask)

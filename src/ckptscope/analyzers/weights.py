@@ -23,8 +23,8 @@ from ckptscope.analyzers.fast_spectrum import fast_spectrum
 from ckptscope.analyzers.parallel import ordered_map
 from ckptscope.analyzers.spectral import CHUNK_ELEMENTS, add_gram_, heavy_tail_metrics, rank_norm_metrics, singular_values_from_gram, vector_metrics
 from ckptscope.errors import CkptscopeError
-from ckptscope.ingest.checkpoint import Checkpoint
-from ckptscope.ingest.layers import Role, classify, is_buffer, orient, split_qkv
+from ckptscope.sources.checkpoint import Checkpoint
+from ckptscope.sources.layers import Role, classify, is_buffer, orient, split_qkv
 from ckptscope.store.db import RunRows
 
 FINAL_METRICS = ("final_cosine", "final_relative_distance")

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Protocol
 
 from ckptscope.errors import SourceError
-from ckptscope.ingest.checkpoint import Checkpoint, weight_files
+from ckptscope.sources.checkpoint import Checkpoint, weight_files
 
 STEP_NAME = re.compile(r"(?:^|[-_])(?:checkpoint|global_step|step|ckpt|iter)[-_]?(\d+)(?:$|[-_])", re.IGNORECASE)
 

@@ -52,9 +52,9 @@ from huggingface_hub.errors import (
 from huggingface_hub.file_download import repo_folder_name
 
 from ckptscope.errors import MissingRevision, SourceError
-from ckptscope.ingest.catalog import Suite, resolve, suggest
-from ckptscope.ingest.checkpoint import BIN_INDEX, BIN_SINGLE, SAFETENSORS_INDEX, SAFETENSORS_SINGLE, Checkpoint
-from ckptscope.ingest.local import CheckpointRef
+from ckptscope.sources.catalog import Suite, resolve, suggest
+from ckptscope.sources.checkpoint import BIN_INDEX, BIN_SINGLE, SAFETENSORS_INDEX, SAFETENSORS_SINGLE, Checkpoint
+from ckptscope.sources.local import CheckpointRef
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

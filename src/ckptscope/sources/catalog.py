@@ -17,7 +17,7 @@ tokens, the way OLMo names branches (`step1000-tokens4B`). Revisions that do not
 
 Any other `ORG/NAME` gets a generic entry whose default rule is: the step is the number in a
 `step…`/`checkpoint-…`/`global_step…`/`ckpt_…`/`iter_…` token of the name (the rule local runs
-use, `ckptscope.ingest.local.step_from_name`), or the whole name when it is a bare number
+use, `ckptscope.sources.local.step_from_name`), or the whole name when it is a bare number
 (`0000020000`); tokens come from a `tokens{M}B` token when present.
 """
 
@@ -29,7 +29,7 @@ from dataclasses import dataclass, replace
 from functools import cached_property
 
 from ckptscope.errors import SourceError
-from ckptscope.ingest.local import step_from_name
+from ckptscope.sources.local import step_from_name
 
 REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
 TOKENS_IN_NAME = re.compile(r"(?:^|[-_])tokens(\d+)B(?:$|[-_])")
