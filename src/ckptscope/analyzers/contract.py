@@ -1,0 +1,122 @@
+"""The analyzer contract: what an analyzer declares, and what it is handed.
+
+An analyzer is one module holding one `Analyzer` subclass that declares, in one place:
+
+* `name` and `version` (stored in `runs.analyzer` / `runs.version`);
+* `Options`, a frozen dataclass of `ckptscope.options.option` fields: CLI flags, Python keyword
+  arguments, validation and the provenance in `runs.parameters` all derive from it;
+* `references(options)`, the reference checkpoints each step is measured against: any of
+  `"first"`, `"previous"`, `"final"` and explicit step numbers; the executor opens and caches
+  them, whichever executor runs the step;
+* `tables`, the tables it writes besides `metric_values`/`spectra` (`ckptscope.rows.Table`),
+  created by the store on first use;
+* `unit`, what its progress bar counts (tensors, batches, sequences);
+* `after`, analyzers whose intermediate results (`ctx.shared`) it reuses when they run too;
+* optionally `report_sections(db, selection)`, charts it adds to the HTML report.
+
+`analyze(ctx)` turns one checkpoint into `RunRows`. Built-in analyzers are the `Analyzer`
+subclasses defined in the modules of `ckptscope.analyzers`; other packages add theirs through
+the `ckptscope.analyzers` entry-point group (see `ckptscope.analyzers.registry`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from ckptscope.options import NoOptions, Options
+from ckptscope.rows import RunRows, Table
+from ckptscope.sources.checkpoint import Checkpoint
+
+ROLES = ("first", "previous", "final")  # reference roles resolved per step; an int names a step
+
+
+class Progress:
+    """The progress of one analyzer on one step: `start(total)` once the total is known, `advance()` per unit."""
+
+    def __init__(self, on_start: Callable[[int], None] | None = None, on_advance: Callable[[int], None] | None = None) -> None:
+        self._start, self._advance = on_start, on_advance
+
+    def start(self, total: int) -> None:
+        if self._start is not None:
+            self._start(total)
+
+    def advance(self, n: int = 1) -> None:
+        if self._advance is not None:
+            self._advance(n)
+
+
+@dataclass
+class AnalysisContext:
+    """One checkpoint to analyze, with the references the analyzer declared.
+
+    `references` maps each declared role (and step number) to its checkpoint, or to None when
+    the checkpoint *is* that reference or has none (like `previous` of the first step); they
+    are read tensor by tensor, never whole.
+    """
+
+    checkpoint: Checkpoint
+    family: str
+    config: dict | None
+    references: dict[str | int, Checkpoint | None] = field(default_factory=dict)
+    device: str = "cpu"
+    progress: Progress = field(default_factory=Progress)
+    shared: dict[Any, Any] = field(default_factory=dict)  # intermediate results one analyzer leaves for the next, this step
+
+    @property
+    def first(self) -> Checkpoint | None:
+        return self.references.get("first")
+
+    @property
+    def previous(self) -> Checkpoint | None:
+        return self.references.get("previous")
+
+    @property
+    def final(self) -> Checkpoint | None:
+        return self.references.get("final")
+
+    def reference(self, key: str | int) -> Checkpoint | None:
+        """The checkpoint of a declared role or step; None when it is this checkpoint."""
+        return self.references.get(key)
+
+
+class Analyzer:
+    """Base class of every analyzer: subclasses set the class attributes and `analyze`."""
+
+    name: ClassVar[str] = ""
+    version: ClassVar[str] = ""
+    Options: ClassVar[type[Options]] = NoOptions
+    tables: ClassVar[tuple[Table, ...]] = ()
+    unit: ClassVar[str] = "tensors"
+    after: ClassVar[tuple[str, ...]] = ()  # analyzers that, when chosen too, run first on each step (to reuse `ctx.shared`)
+
+    def __init__(self, options: Options | None = None) -> None:
+        self.options = options if options is not None else self.Options.build()
+
+    @classmethod
+    def references(cls, options: Options) -> tuple[str | int, ...]:
+        """Reference roles (`ROLES`) and step numbers this analyzer needs with these options."""
+        return ()
+
+    @classmethod
+    def summary(cls) -> str:
+        """The first line of the class docstring: what `ckptscope analyzers` and `--help` show."""
+        return (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+
+    def parameters(self) -> dict[str, Any]:
+        """Provenance for `runs.parameters`: the options; analyzers add what else decides their output."""
+        return self.options.provenance()
+
+    def new_rows(self, dtype: str, backend: str, **extra: Any) -> RunRows:
+        """An empty result for one step, carrying this analyzer's provenance (plus `extra` parameters)."""
+        return RunRows(self.name, self.version, {**self.parameters(), **extra}, dtype, backend)
+
+    def analyze(self, ctx: AnalysisContext) -> RunRows:
+        """Rows for one checkpoint."""
+        raise NotImplementedError
+
+    @classmethod
+    def report_sections(cls, db: Any, selection: Any) -> list[Any]:
+        """Report sections (`ckptscope.reports.sections.Section`) built from the store; none by default."""
+        return []
