@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ckptscope.analyzers.base import AnalysisContext
+from ckptscope.analyzers.contract import AnalysisContext
 from ckptscope.analyzers.convergence import ConvergenceAnalyzer
 from ckptscope.analyzers.memorization import MemorizationAnalyzer
 from ckptscope.sources.checkpoint import Checkpoint
@@ -73,7 +73,7 @@ def inputs(name: str, tmp: Path, sequences: int, length: int) -> tuple[Path, int
 def context(root: Path, step: int, final: int, device: str) -> AnalysisContext:
     ckpt = Checkpoint(root / f"step{step}", step=step)
     return AnalysisContext(checkpoint=ckpt, family=family(ckpt.config), config=ckpt.config, device=device,
-                           final=Checkpoint(root / f"step{final}", step=final))
+                           references={"final": Checkpoint(root / f"step{final}", step=final)})
 
 
 def timed(fn, repeats: int):
@@ -112,8 +112,8 @@ def main() -> None:
             root, step, final, probe, corpus = inputs(name, Path(tmp) / name, args.sequences, args.length)
             for device in args.device.split(","):
                 ctx = context(root, step, final, device)
-                conv = ConvergenceAnalyzer(probe, batch_size=args.batch_size)
-                mem = MemorizationAnalyzer(corpus, batch_size=args.batch_size)
+                conv = ConvergenceAnalyzer.of(probe=probe, batch_size=args.batch_size)
+                mem = MemorizationAnalyzer.of(corpus=corpus, batch_size=args.batch_size)
                 first_c, steady_c, rows = timed(lambda: conv.analyze(ctx), args.repeats)  # noqa: B023
                 first_m, steady_m, mem_rows = timed(lambda: mem.analyze(ctx), args.repeats)  # noqa: B023
                 positions, n = rows.parameters["positions"], mem_rows.parameters["sequences"]

@@ -21,7 +21,8 @@ from pathlib import Path
 import numpy as np
 
 from ckptscope.reports import build_report
-from ckptscope.store.db import CheckpointRows, ModelRow, RunRows, Store
+from ckptscope.rows import CheckpointRows, ModelRow, RunRows
+from ckptscope.store.db import Store
 
 MODELS, LAYERS, SV = 5, 24, 64
 STEPS = [0, *(2**k for k in range(10)), *np.linspace(1000, 143000, 139).astype(int).tolist()]

@@ -36,7 +36,8 @@ import numpy as np
 from bench_report import synthetic_checkpoint
 
 import ckptscope
-from ckptscope.store.db import ModelRow, Store
+from ckptscope.rows import ModelRow
+from ckptscope.store.db import Store
 
 DEPTHS = {"70m": 6, "160m": 12, "410m": 24, "1b": 16, "1.4b": 24, "2.8b": 32, "6.9b": 32, "12b": 36}
 STEPS = [0, *(2**k for k in range(10)), *range(1000, 143001, 1000)]  # Pythia's 154 revisions

@@ -11,13 +11,14 @@ import pytest
 import torch
 
 import ckptscope
-from ckptscope.analyzers.base import AnalysisContext
+from ckptscope.analyzers.contract import AnalysisContext
 from ckptscope.analyzers.cka import linear_cka
 from ckptscope.analyzers.convergence import ConvergenceAnalyzer
 from ckptscope.errors import CkptscopeError
 from ckptscope.sources.checkpoint import Checkpoint
 from ckptscope.sources.layers import family
-from ckptscope.store.db import CheckpointRows, RunRows, Store
+from ckptscope.rows import CheckpointRows, RunRows
+from ckptscope.store.db import Store
 from runs import neox_state, trajectory, write_run
 
 STEPS = [0, 5, 10]
@@ -115,8 +116,9 @@ def run(tmp_path_factory):
 def contexts(root: Path, steps: list[int] = STEPS) -> list[AnalysisContext]:
     ckpts = {s: Checkpoint(root / f"step{s}", step=s) for s in steps}
     final = ckpts[steps[-1]]
-    return [AnalysisContext(checkpoint=c, family=family(c.config), config=c.config, first=ckpts[steps[0]] if s != steps[0] else None,
-                            final=final if c is not final else None) for s, c in ckpts.items()]
+    return [AnalysisContext(checkpoint=c, family=family(c.config), config=c.config,
+                            references={"first": ckpts[steps[0]] if s != steps[0] else None, "final": final if c is not final else None})
+            for s, c in ckpts.items()]
 
 
 def metric(rows: RunRows, name: str) -> dict[tuple[int, str], float]:
@@ -149,7 +151,7 @@ def direct_activations(path: Path, probe: Path) -> dict[tuple[int, str], np.ndar
 
 def test_analyzer_matches_direct_computation(run):
     root, probe = run
-    analyzer = ConvergenceAnalyzer(probe, batch_size=5)
+    analyzer = ConvergenceAnalyzer.of(probe=probe, batch_size=5)
     rows = [analyzer.analyze(ctx) for ctx in contexts(root)]
     final = direct_activations(root / f"step{STEPS[-1]}", probe)
     for step, out in zip(STEPS[:-1], rows):
@@ -159,7 +161,7 @@ def test_analyzer_matches_direct_computation(run):
         for key in final:
             assert biased[key] == pytest.approx(ref_cka(current[key], final[key]), abs=2e-5)
             assert debiased[key] == pytest.approx(ref_cka_debiased(current[key], final[key]), abs=2e-5)
-        assert out.parameters["reference_step"] == STEPS[-1] and out.parameters["positions"] == len(final[(0, "resid")])
+        assert out.parameters["reference"] == STEPS[-1] and out.parameters["positions"] == len(final[(0, "resid")])
         assert "float16" in out.dtype and out.metrics["tensor"][0].startswith("gpt_neox.layers.0")
     assert set(metric(rows[-1], "cka_final").values()) == {1.0}
     assert metric(rows[0], "cka_final")[(0, "resid")] < metric(rows[1], "cka_final")[(0, "resid")] < 1.0
@@ -169,8 +171,8 @@ def test_bounded_memory_paths_agree(run):
     """Recomputing the reference (no activation cache) and one site per pass give the same values."""
     root, probe = run
     ctx = contexts(root)[1]
-    default = ConvergenceAnalyzer(probe, batch_size=4).analyze(ctx)
-    bounded = ConvergenceAnalyzer(probe, batch_size=4, cache_mb=0, stats_mb=1e-6)
+    default = ConvergenceAnalyzer.of(probe=probe, batch_size=4).analyze(ctx)
+    bounded = ConvergenceAnalyzer.of(probe=probe, batch_size=4, cache_mb=0, stats_mb=1e-6)
     got = bounded.analyze(ctx)
     assert bounded._reference_state.activations is None and bounded._reference_state.model is not None
     for name in ("cka_final", "cka_final_debiased"):
@@ -179,14 +181,14 @@ def test_bounded_memory_paths_agree(run):
 
 def test_reference_first_and_bad_options(run):
     root, probe = run
-    out = ConvergenceAnalyzer(probe, reference_step="first").analyze(contexts(root)[2])
-    assert out.parameters["reference_step"] == 0 and metric(out, "cka_ref") and not metric(out, "cka_final")
+    out = ConvergenceAnalyzer.of(probe=probe, reference_step="first").analyze(contexts(root)[2])
+    assert out.parameters["reference"] == 0 and metric(out, "cka_ref") and not metric(out, "cka_final")
     with pytest.raises(CkptscopeError, match="needs --probe"):
-        ConvergenceAnalyzer.from_options()
+        ConvergenceAnalyzer.of()
     with pytest.raises(CkptscopeError, match="reference-step"):
-        ConvergenceAnalyzer(probe, reference_step="middle")
+        ConvergenceAnalyzer.of(probe=probe, reference_step="middle")
     with pytest.raises(CkptscopeError, match="not open"):
-        ConvergenceAnalyzer(probe, reference_step=7).analyze(contexts(root)[1])
+        ConvergenceAnalyzer.of(probe=probe, reference_step=7).analyze(contexts(root)[1])
 
 
 def test_bert_masked_lm_is_supported(tmp_path):
@@ -199,7 +201,7 @@ def test_bert_masked_lm_is_supported(tmp_path):
         BertForMaskedLM(cfg).save_pretrained(tmp_path / "bert" / f"step{step}")
     probe = tmp_path / "probe.jsonl"
     probe.write_text("".join(json.dumps({"id": i, "tokens": list(range(i, i + 10))}) + "\n" for i in range(6)))
-    out = ConvergenceAnalyzer(probe).analyze(contexts(tmp_path / "bert", [0, 1])[0])
+    out = ConvergenceAnalyzer.of(probe=probe).analyze(contexts(tmp_path / "bert", [0, 1])[0])
     values = metric(out, "cka_final")
     assert len(values) == 6 and all(0 <= v <= 1 for v in values.values())
     assert "bert.encoder.layer.1.attention.output.dense" in out.metrics["tensor"]

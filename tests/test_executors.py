@@ -14,7 +14,8 @@ from click.testing import CliRunner
 
 import ckptscope
 from ckptscope.cli import main
-from ckptscope.store.db import CheckpointRows, Store
+from ckptscope.rows import CheckpointRows
+from ckptscope.store.db import Store
 from hubserver import checkpoint_files, serve
 from runs import neox_state, trajectory, write_run
 

@@ -15,15 +15,16 @@ import pytest
 import torch
 
 import ckptscope
-from ckptscope.analyzers.base import AnalysisContext
+from ckptscope.analyzers.contract import AnalysisContext
 from ckptscope.analyzers.corpus import load_corpus
-from ckptscope.analyzers.memorization import MemorizationAnalyzer
+from ckptscope.analyzers.memorization import MEMORIZATION, MemorizationAnalyzer
 from ckptscope.analyzers.parallel import one_blas_thread
 from ckptscope.analyzers.weights import WeightAnalyzer
 from ckptscope.errors import CkptscopeError, SourceError
 from ckptscope.sources.checkpoint import Checkpoint
 from ckptscope.sources.layers import family
-from ckptscope.store.db import CheckpointRows, Store
+from ckptscope.rows import CheckpointRows
+from ckptscope.store.db import Store
 from runs import write_checkpoint
 
 VOCAB, LENGTH, PROMPT = 64, 64, 32
@@ -94,14 +95,14 @@ def run(tmp_path_factory):
 def contexts(root: Path, steps: list[int] = STEPS) -> list[AnalysisContext]:
     ckpts = {s: Checkpoint(root / f"step{s}", step=s) for s in steps}
     final = ckpts[steps[-1]]
-    return [AnalysisContext(checkpoint=c, family=family(c.config), config=c.config, final=final if c is not final else None)
+    return [AnalysisContext(checkpoint=c, family=family(c.config), config=c.config, references={"final": final if c is not final else None})
             for c in ckpts.values()]
 
 
 @pytest.fixture(scope="module")
 def results(run):
     root, corpus, _, _ = run
-    analyzer = MemorizationAnalyzer(corpus, batch_size=4)
+    analyzer = MemorizationAnalyzer.of(corpus=corpus, batch_size=4)
     return {ctx.checkpoint.step: analyzer.analyze(ctx) for ctx in contexts(root)}
 
 
@@ -156,7 +157,8 @@ def test_provenance_short_sequences_and_store_views(run, results, tmp_path):
     assert "float16" in final.dtype and "short" not in table(final)
     with Store(tmp_path / "s.duckdb") as db:
         for step, rows in results.items():
-            db.write_checkpoint(CheckpointRows("m", step, None, f"step{step}", "test", None, EMPTY_TENSORS, [rows]))
+            db.write_checkpoint(CheckpointRows("m", step, None, f"step{step}", "test", None, EMPTY_TENSORS, [rows]),
+                                tables=[("memorization", MEMORIZATION)])
         summary = db.sql("SELECT step, sequences, memorized_rate FROM memorization_summary ORDER BY step").rows()
     assert summary[0] == (0, 10, 0.0) and summary[-1] == (STEPS[-1], 10, 0.4)
 
@@ -172,8 +174,8 @@ def test_text_parquet_and_npy_corpora_give_the_same_rows(run, results, tmp_path)
     ctx = contexts(root)[-1]
     expected = {k: v["score"] for k, v in table(results[STEPS[-1]]).items()}
     for path in (texts, parquet):
-        assert {k: v["score"] for k, v in table(MemorizationAnalyzer(path).analyze(ctx)).items()} == expected
-    by_row = {k: v["score"] for k, v in table(MemorizationAnalyzer(npy).analyze(ctx)).items()}
+        assert {k: v["score"] for k, v in table(MemorizationAnalyzer.of(corpus=path).analyze(ctx)).items()} == expected
+    by_row = {k: v["score"] for k, v in table(MemorizationAnalyzer.of(corpus=npy).analyze(ctx)).items()}
     assert by_row == {str(i): expected[k] for i, k in enumerate([f"canary-{i}" for i in range(4)] + [f"unseen-{i}" for i in range(6)])}
 
 
@@ -182,10 +184,10 @@ def test_bad_corpora_give_one_line_errors(run, tmp_path):
     ctx = contexts(root)[-1]
     short = jsonl(tmp_path / "short.jsonl", [{"id": 1, "tokens": [1, 2, 3]}])
     with pytest.raises(CkptscopeError, match="all 1 sequences are shorter than 64 tokens"):
-        MemorizationAnalyzer(short).analyze(ctx)
+        MemorizationAnalyzer.of(corpus=short).analyze(ctx)
     oov = jsonl(tmp_path / "oov.jsonl", [{"id": "x", "tokens": [1] * 63 + [VOCAB + 5]}])
     with pytest.raises(CkptscopeError, match=f"token id {VOCAB + 5}, outside the model's vocabulary of {VOCAB}"):
-        MemorizationAnalyzer(oov).analyze(ctx)
+        MemorizationAnalyzer.of(corpus=oov).analyze(ctx)
     garbage = tmp_path / "bad.parquet"
     garbage.write_bytes(b"not parquet at all")
     bad_json = tmp_path / "bad.jsonl"
@@ -199,7 +201,7 @@ def test_bad_corpora_give_one_line_errors(run, tmp_path):
             load_corpus(path)
         assert "\n" not in str(err.value)
     with pytest.raises(CkptscopeError, match="needs --corpus"):
-        MemorizationAnalyzer.from_options(probe=short)
+        MemorizationAnalyzer.of(prompt_len=8)
 
 
 def test_text_without_tokenizer_bert_and_unbuildable_architecture(run, tmp_path):
@@ -208,14 +210,14 @@ def test_text_without_tokenizer_bert_and_unbuildable_architecture(run, tmp_path)
     shutil.copytree(root / f"step{STEPS[-1]}", bare / "step1")
     text = jsonl(tmp_path / "t.jsonl", [{"id": 1, "text": "wab wac"}])
     with pytest.raises(CkptscopeError, match="no tokenizer"):
-        MemorizationAnalyzer(text).analyze(contexts(bare, [1])[0])
+        MemorizationAnalyzer.of(corpus=text).analyze(contexts(bare, [1])[0])
 
     from transformers import BertConfig, BertForMaskedLM
 
     BertForMaskedLM(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64,
                                vocab_size=VOCAB)).save_pretrained(tmp_path / "bert" / "step0")
     corpus = jsonl(tmp_path / "c.jsonl", [{"id": 1, "tokens": list(range(LENGTH))}])
-    out = MemorizationAnalyzer(corpus).analyze(contexts(tmp_path / "bert", [0])[0])
+    out = MemorizationAnalyzer.of(corpus=corpus).analyze(contexts(tmp_path / "bert", [0])[0])
     assert not out.tables and [a[1] for a in out.anomalies] == ["not_applicable"]
 
     odd = tmp_path / "odd" / "step1"
@@ -224,9 +226,9 @@ def test_text_without_tokenizer_bert_and_unbuildable_architecture(run, tmp_path)
     (odd / "config.json").write_text(json.dumps({**config, "model_type": "no_such_arch", "architectures": ["NoSuchForCausalLM"]}))
     ctx = contexts(tmp_path / "odd", [1])[0]
     with pytest.raises(SourceError, match="transformers cannot build") as err:
-        MemorizationAnalyzer(corpus).analyze(ctx)
+        MemorizationAnalyzer.of(corpus=corpus).analyze(ctx)
     assert "\n" not in str(err.value)
-    assert WeightAnalyzer().analyze(ctx).metrics["metric"]  # the weights analyzer is unaffected
+    assert WeightAnalyzer.of().analyze(ctx).metrics["metric"]  # the weights analyzer is unaffected
 
 
 def test_pipeline_memorization(run, tmp_path):
@@ -259,6 +261,6 @@ def test_other_causal_families_match_generate(arch, tmp_path):
                               min_new_tokens=LENGTH - PROMPT, max_new_tokens=LENGTH - PROMPT, pad_token_id=0)
     seqs[3:, PROMPT::2] = seqs[3:, PROMPT::2] % (VOCAB - 1) + 1
     corpus = jsonl(tmp_path / "c.jsonl", [{"id": i, "tokens": s.tolist()} for i, s in enumerate(seqs)])
-    out = MemorizationAnalyzer(corpus, batch_size=2).analyze(contexts(tmp_path / "run", [0])[0])
+    out = MemorizationAnalyzer.of(corpus=corpus, batch_size=2).analyze(contexts(tmp_path / "run", [0])[0])
     assert out.tables["memorization"]["score"] == [1.0, 1.0, 1.0, 0.5, 0.5]
     assert sorted(out.metrics["layer"]) == [0, 1] and out.dtype == "float32"

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import ckptscope
+from ckptscope.store.migrations import MIGRATIONS
 from ckptscope.analyzers.parallel import ordered_map
 from runs import neox_state, trajectory, write_run
 
@@ -74,7 +75,7 @@ def test_rows_do_not_depend_on_the_thread_count(run, exact, tmp_path):
 
 
 def test_unknown_tier_is_a_one_line_error(run, tmp_path):
-    with pytest.raises(ckptscope.CkptscopeError, match="--spectrum 'slow' is not a tier; choose from: exact, fast, none"):
+    with pytest.raises(ckptscope.CkptscopeError, match="--spectrum 'slow': choose from exact, fast, none"):
         ckptscope.ingest(run, store=tmp_path / "s.duckdb", spectrum="slow")
     assert not (tmp_path / "s.duckdb").exists()
 
@@ -139,7 +140,8 @@ def test_a_v1_store_is_read_as_is_and_upgraded_on_first_write(run, tmp_path):
     assert store.read_bytes() == before
     ckptscope.ingest(run, store=store, steps="0,4")
     with ckptscope.Store(store, read_only=True) as db:
-        assert db.sql("SELECT value FROM meta WHERE key = 'schema_version'")["value"].item() == "2"
+        assert db.sql("SELECT value FROM meta WHERE key = 'schema_version'")["value"].item() == "3"
+        assert db.sql("SELECT name FROM migrations ORDER BY name")["name"].to_list() == [m for m, _ in MIGRATIONS]
         old = db.sql("SELECT value, tier FROM metrics WHERE model = 'old'")
         assert old.rows() == [(2.5, None)]
         assert "exact" in set(db.sql("SELECT tier FROM metrics WHERE model = 'neox'")["tier"])

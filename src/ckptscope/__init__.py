@@ -7,7 +7,6 @@ tensors, analyzers turn tensors into rows (`ckptscope.analyzers`), the store wri
 
 from typing import Any
 
-
 from ckptscope.errors import CkptscopeError
 from ckptscope.store.db import Store, default_store_path
 
@@ -16,7 +15,7 @@ __version__ = "0.1.0"
 
 
 def ingest(source: Any, **options: Any) -> Any:
-    """Analyze checkpoints into the store: `ckptscope.pipeline.ingest`, imported on first use.
+    """Analyze checkpoints into the store: `ckptscope.pipeline.ingest.ingest`, imported on first use.
 
     Importing the pipeline loads torch (about a second); `ckptscope sql` and `ls` never need it.
     """
@@ -26,7 +25,7 @@ def ingest(source: Any, **options: Any) -> Any:
 
 
 def analyze(model: str, analyzers: str, **options: Any) -> Any:
-    """Run analyzers on a model already in the store: `ckptscope.pipeline.analyze`."""
+    """Run analyzers on a model already in the store: `ckptscope.pipeline.ingest.analyze`."""
     from ckptscope.pipeline import analyze as run
 
     return run(model, analyzers, **options)

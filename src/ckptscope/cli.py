@@ -41,37 +41,9 @@ DEMO_QUERIES = [
 ]
 
 
-def run_ingest(*args, **kwargs) -> pl.DataFrame:
-    from ckptscope.pipeline import ingest  # torch is loaded only by the commands that analyze
-
-    return ingest(*args, **kwargs)
-
-
-def run_analyze(*args, **kwargs) -> pl.DataFrame:
-    from ckptscope.pipeline import analyze
-
-    return analyze(*args, **kwargs)
-
-
 def _store_option(f):
     return click.option("--store", type=click.Path(path_type=Path), default=None,
                         help="DuckDB store file [default: $CKPTSCOPE_STORE or ./ckptscope.duckdb].")(f)
-
-
-def _executor_options(f):
-    """Where steps are analyzed: the same options for every command that analyzes checkpoints."""
-    for option in reversed([
-        click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
-                     help="local: processes on this machine; ray: a Ray cluster (pip install 'ckptscope[ray]')."),
-        click.option("--workers", type=int, help="Steps analyzed at once: processes (local) or Ray actors "
-                                                 "[default: 1 for local, the cluster's CPUs / --threads for ray]."),
-        click.option("--threads", type=int, help="Torch threads per worker [default: CPUs / --workers for local "
-                                                 "processes, 1 for ray, unchanged for one local worker]."),
-        click.option("--ray-address", help="Ray cluster to join, e.g. 10.0.0.5:6379 or ray://head:10001 "
-                                           "[default: $RAY_ADDRESS, else a local Ray instance]."),
-    ]):
-        f = option(f)
-    return f
 
 
 def _friendly(f):
@@ -98,58 +70,145 @@ def _show(df: pl.DataFrame, title: str | None = None) -> None:
     out.print(table)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _Commands(click.Group):
+    """The commands that analyze (`ingest`, `analyze`, `analyzers`) are built on first use from the
+    analyzers' declarations, so `sql`, `ls` and `report` start without loading torch."""
+
+    LAZY = {"ingest": "ingest_command", "analyze": "analyze_group", "analyzers": "analyzers_command"}
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *self.LAZY})
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name in self.LAZY and name not in self.commands:
+            self.add_command(globals()[self.LAZY[name]](), name)
+        return super().get_command(ctx, name)
+
+
+@click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="ckptscope")
 def main() -> None:
     """Analyze how every layer of a network changes across training checkpoints."""
 
 
-@main.command()
-@click.argument("source")
-@_store_option
-@click.option("--name", help="Model name in the store [default: SOURCE's directory name].")
-@click.option("--steps", help="Steps: all, first, last, log, 0,1000,5000, 0:143000:1000, or STEP=PATH pairs.")
-@click.option("--max", "max_steps", type=int, help="At most N steps, spread evenly in log-step.")
-@click.option("--analyzers", default="weights", show_default=True, help="Comma-separated analyzer names.")
-@click.option("--force", is_flag=True, help="Recompute steps that are already in the store.")
-@click.option("--tokens-per-step", type=int, help="Tokens seen per optimizer step, to fill `tokens`.")
-@click.option("--rtol", type=float, default=1e-3, show_default=True, help="Relative tolerance of numerical_rank.")
-@click.option("--spectrum", type=click.Choice(["exact", "fast", "none"]), default="exact", show_default=True,
-              help="How singular values are obtained: exact (default; matrices whose smaller side exceeds --exact-max-side "
-                   "fall back to fast), fast (Lanczos/randomized: spectral norm, top-k spectrum, estimated effective rank), "
-                   "none (norms only).")
-@click.option("--exact-max-side", type=int, default=4096, show_default=True,
-              help="Largest smaller side of a matrix whose spectrum --spectrum exact computes exactly.")
-@click.option("--device", default="cpu", show_default=True, help="Torch device for the spectral work.")
-@click.option("--revision-pattern", help="Hub: regex with a (?P<step>...) group mapping revision names to steps.")
-@click.option("--keep", is_flag=True, help="Hub: keep downloaded checkpoints in the HF cache instead of evicting them.")
-@click.option("--cache-dir", type=click.Path(path_type=Path), help="Hub: download cache [default: the HF cache].")
-@click.option("--probe", type=click.Path(path_type=Path), help="convergence: sequences (JSONL, Parquet or .npy) to compare activations on.")
-@click.option("--corpus", type=click.Path(path_type=Path), help="memorization: sequences (JSONL, Parquet or .npy) to test.")
-@click.option("--batch-size", type=int, default=16, show_default=True, help="Sequences per forward pass (activation analyzers).")
-@_executor_options
-@_friendly
-def ingest(source, store, name, steps, max_steps, analyzers, force, tokens_per_step, rtol, spectrum, exact_max_side, device,
-           revision_pattern, keep, cache_dir, probe, corpus, batch_size, executor, workers, threads, ray_address):
-    """Analyze the checkpoints in SOURCE into the store.
+def _declarations(analyzer_names: list[str] | None = None) -> dict[str, list]:
+    """Declared options by owner: every installed analyzer (or those named), then source and executor."""
+    from ckptscope.analyzers import registry
+    from ckptscope.pipeline.executors import ExecutorSpec
+    from ckptscope.sources.spec import SourceSpec
 
-    SOURCE is a local run directory, a catalog suite (pythia-160m) or a hub repo (EleutherAI/pythia-160m).
-    """
-    report = run_ingest(source, store=store or default_store_path(), name=name, steps=steps, max_steps=max_steps,
-                        analyzers=analyzers, force=force, tokens_per_step=tokens_per_step, rtol=rtol, spectrum=spectrum,
-                        exact_max_side=exact_max_side, device=device, revision_pattern=revision_pattern, keep=keep,
-                        cache_dir=cache_dir, probe=probe, corpus=corpus, batch_size=batch_size, executor=executor,
-                        workers=workers, threads=threads, ray_address=ray_address, progress=True)
-    _summarize(report)
+    groups = {"": [d for d in SourceSpec.declared() if d.name != "source"] + ExecutorSpec.declared()}
+    groups.update((name, f.cls.Options.declared()) for name, f in sorted(registry.discover().items())
+                  if f.cls is not None and (analyzer_names is None or name in analyzer_names))
+    return groups
 
 
-def _summarize(report: pl.DataFrame) -> None:
+def ingest_command() -> click.Command:
+    """`ckptscope ingest`: SOURCE, the store, and every declared source, executor and analyzer option."""
+    from ckptscope.cli_options import apply, collect, flags
+
+    found = flags(_declarations())
+
+    @click.argument("source")
+    @_store_option
+    @click.option("--analyzers", default="weights", show_default=True,
+                  help="Comma-separated analyzer names (`ckptscope analyzers` lists them).")
+    @click.option("--force", is_flag=True, help="Recompute steps that are already in the store.")
+    @_friendly
+    def command(source, store, analyzers, force, **values):
+        """Analyze the checkpoints in SOURCE into the store.
+
+        SOURCE is a local run directory, a catalog suite (pythia-160m) or a hub repo (EleutherAI/pythia-160m).
+        """
+        from ckptscope.pipeline import ingest
+
+        flat, scoped = collect(found, values)
+        chosen = _scoped(analyzers, scoped)
+        _summarize(ingest(source, store=store or default_store_path(), analyzers=chosen, force=force, progress=True, **flat))
+
+    return click.command(name="ingest")(apply(command, found))
+
+
+def _scoped(analyzers: str, scoped: dict[str, dict]) -> str | dict[str, dict]:
+    """Analyzer names, or names with the options given to one analyzer alone (`--NAME-OPTION`)."""
+    if not scoped:
+        return analyzers
+    names = [n.strip() for n in analyzers.split(",") if n.strip()]
+    stray = sorted(set(scoped) - set(names))
+    if stray:
+        raise CkptscopeError(f"options of analyzer {stray[0]} were given, but it is not in --analyzers")
+    return {n: scoped.get(n, {}) for n in names}
+
+
+def analyze_group() -> click.Group:
+    """`ckptscope analyze NAME MODEL`: one subcommand per installed analyzer, its options derived."""
+    from ckptscope.analyzers import registry
+
+    group = click.Group(name="analyze", help="Run an analyzer on a model already in the store.")
+    for name, f in sorted(registry.discover().items()):
+        if f.cls is not None:
+            group.add_command(_analyze_command(name, f.cls))
+    return group
+
+
+def _analyze_command(name: str, cls: type) -> click.Command:
+    from ckptscope.cli_options import apply, collect, flags
+    from ckptscope.pipeline.executors import ExecutorSpec
+
+    found = flags({name: cls.Options.declared(), "": ExecutorSpec.declared()})
+
+    @click.argument("model")
+    @_store_option
+    @click.option("--steps", help="Steps to analyze [default: the steps already ingested for MODEL].")
+    @click.option("--force", is_flag=True, help="Recompute steps already analyzed.")
+    @_friendly
+    def command(model, store, steps, force, **values):
+        from ckptscope.pipeline import analyze
+
+        flat, _ = collect(found, values)
+        _summarize(analyze(model, name, store=store, steps=steps, force=force, progress=True, **flat), verb="analyzed")
+
+    command.__doc__ = cls.summary()
+    return click.command(name=name)(apply(command, found, required=True))
+
+
+def analyzers_command() -> click.Command:
+    """`ckptscope analyzers`: every installed analyzer with its version, options, references and tables."""
+
+    @_friendly
+    def command():
+        """List the installed analyzers: version, origin, options, references, tables."""
+        from ckptscope.analyzers import registry
+
+        rows = []
+        for name, f in sorted(registry.discover().items()):
+            if f.cls is None:
+                rows.append({"analyzer": name, "version": "", "from": f.origin, "unit": "", "references": "",
+                             "options": f"cannot be loaded: {f.error}", "tables": ""})
+                continue
+            cls = f.cls
+            opts = ", ".join(f"{d.flag}" + ("" if d.required else f"={d.default}") for d in cls.Options.declared())
+            refs = ", ".join(map(str, cls.references(_unchecked_defaults(cls.Options)))) or "none"
+            rows.append({"analyzer": name, "version": cls.version, "from": f.origin, "unit": cls.unit, "references": refs,
+                         "options": opts, "tables": ", ".join(t.name for t in cls.tables)})
+        _show(pl.DataFrame(rows), f"{len(rows)} analyzer(s)")
+
+    return click.command(name="analyzers")(command)
+
+
+def _unchecked_defaults(options: type) -> object:
+    """The defaults of an options declaration, required ones as placeholders: what `analyzers` shows."""
+    placeholder = {Path: Path("FILE"), int: 0, float: 0.0, bool: False}
+    return options(**{d.name: placeholder.get(d.type, "") if d.required else d.default for d in options.declared()})
+
+
+def _summarize(report: pl.DataFrame, verb: str = "ingested") -> None:
     if report.height:
         dup = report.filter(pl.col("duplicate_of").is_not_null())
         missing = report.filter(pl.col("status") == "missing")
         extra = f"; {dup.height} duplicate checkpoint(s) flagged" if dup.height else ""
         extra += f"; {missing.height} revision(s) without weights recorded as missing" if missing.height else ""
-        out.print(f"ingested {report.height} checkpoint(s) in {report['seconds'].sum():.1f}s{extra}")
+        out.print(f"{verb} {report.height} checkpoint(s) in {report['seconds'].sum():.1f}s{extra}")
     else:
         out.print("nothing to do: every selected step is already in the store (use --force to recompute)")
 
@@ -181,48 +240,6 @@ def sql(query, store, fmt, output):
             output.write_text(text)
         else:
             click.echo(text, nl=fmt == "json")
-
-
-@main.group(name="analyze")
-def analyze_group() -> None:
-    """Run activation analyzers on a model already in the store."""
-
-
-def _analyze_options(f):
-    for option in reversed([
-        click.argument("model"),
-        _store_option,
-        click.option("--steps", help="Steps to analyze [default: the steps already ingested for MODEL]."),
-        click.option("--device", default="cpu", show_default=True, help="Torch device for the forward passes."),
-        click.option("--batch-size", type=int, default=16, show_default=True, help="Sequences per forward pass."),
-        click.option("--force", is_flag=True, help="Recompute steps already analyzed."),
-        _executor_options,
-    ]):
-        f = option(f)
-    return f
-
-
-@analyze_group.command()
-@_analyze_options
-@click.option("--probe", type=click.Path(path_type=Path), required=True, help="Sequences (JSONL, Parquet or .npy).")
-@click.option("--reference-step", default="final", show_default=True, help="Step to compare with: final, first or a number.")
-@_friendly
-def convergence(model, store, steps, device, batch_size, force, probe, reference_step, **executor):
-    """Linear CKA of every layer's activations to the reference step (default: final)."""
-    _summarize(run_analyze(model, "convergence", store=store, steps=steps, device=device, batch_size=batch_size, force=force,
-                           probe=probe, reference_step=reference_step, progress=True, **executor))
-
-
-@analyze_group.command()
-@_analyze_options
-@click.option("--corpus", type=click.Path(path_type=Path), required=True, help="Sequences (JSONL, Parquet or .npy).")
-@click.option("--prompt-len", type=int, default=32, show_default=True)
-@click.option("--continuation-len", type=int, default=32, show_default=True)
-@_friendly
-def memorization(model, store, steps, device, batch_size, force, corpus, prompt_len, continuation_len, **executor):
-    """The Pythia memorization score of every corpus sequence at every step."""
-    _summarize(run_analyze(model, "memorization", store=store, steps=steps, device=device, batch_size=batch_size, force=force,
-                           corpus=corpus, prompt_len=prompt_len, continuation_len=continuation_len, progress=True, **executor))
 
 
 @main.command()
@@ -272,8 +289,10 @@ def demo(store):
     suite = Path(str(files("ckptscope") / "demo_suite"))
     if not any(suite.glob("step*")):
         raise StoreError(f"the demo suite is missing from {suite}; reinstall ckptscope")
+    from ckptscope.pipeline import ingest
+
     with Store(store) as db:
-        run_ingest(suite, store=db, name="demo-neox", tokens_per_step=_demo_tokens_per_step(suite), progress=True)
+        ingest(suite, store=db, name="demo-neox", tokens_per_step=_demo_tokens_per_step(suite), progress=True)
     with Store(store, read_only=True) as db:
         for title, query in DEMO_QUERIES:
             out.print(f"\n[bold]{title}[/]\n[dim]$ ckptscope sql --store {store} \"{query}\"[/]", highlight=False)

@@ -27,15 +27,18 @@ T = TypeVar("T", bound="Options")
 
 
 def option(default: Any = MISSING, *, help: str, check: Check | None = None, choices: Iterable[str] | None = None,
-           metavar: str | None = None, digest: bool = False) -> Any:
+           metavar: str | None = None, digest: bool = False, flag: str | None = None, affects_results: bool = True) -> Any:
     """Declare one option field.
 
     `default` MISSING makes the option required. `check(value)` returns an error fragment
     ("must be in (0, 1)") for a bad value. `choices` restricts a string. `digest` (path options)
     stores the file's sha256 in the provenance, so a changed file counts as a changed parameter.
+    `flag` overrides the CLI flag (default `--name-with-dashes`). `affects_results=False` marks
+    options that change how, not what, is computed (batch sizes, memory budgets): they are stored
+    but a rerun that changes them is not a changed parameter.
     """
     meta = {"help": help, "check": check, "choices": tuple(choices) if choices is not None else None,
-            "metavar": metavar, "digest": digest}
+            "metavar": metavar, "digest": digest, "flag": flag, "affects_results": affects_results}
     return field(default=default, metadata=meta)
 
 
@@ -51,10 +54,7 @@ class Declared:
     choices: tuple[str, ...] | None
     metavar: str | None
     optional: bool  # None is an accepted value
-
-    @property
-    def flag(self) -> str:
-        return "--" + self.name.replace("_", "-")
+    flag: str
 
 
 @dataclass(frozen=True)
@@ -70,7 +70,8 @@ class Options:
         for f in dataclasses.fields(cls):
             kind, optional = _unwrap(hints[f.name])
             out.append(Declared(f.name, kind, None if f.default is MISSING else f.default, f.default is MISSING,
-                                f.metadata.get("help", ""), f.metadata.get("choices"), f.metadata.get("metavar"), optional))
+                                f.metadata.get("help", ""), f.metadata.get("choices"), f.metadata.get("metavar"), optional,
+                                f.metadata.get("flag") or "--" + f.name.replace("_", "-")))
         return out
 
     @classmethod
@@ -92,17 +93,24 @@ class Options:
                     raise CkptscopeError(f"{cls.owner} needs {d.flag} ({d.help.rstrip('.')})")
                 continue
             kwargs[d.name] = _coerce(cls, d, given[d.name])
-        return cls(**kwargs)
+        built = cls(**kwargs)
+        built.validate()
+        return built
+
+    def validate(self) -> None:
+        """Checks across options (one-line `CkptscopeError`); single options are checked by their `check`."""
 
     def provenance(self) -> dict[str, Any]:
-        """The options as JSON values for `runs.parameters` (paths absolute, with a sha256 when declared)."""
+        """The options as JSON values for `runs.parameters`: paths absolute, or for `digest` options the
+        file name and its sha256 (the content decides the results; where it lay does not)."""
         out: dict[str, Any] = {}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if isinstance(value, Path):
+            if isinstance(value, Path) and f.metadata.get("digest"):  # the content decides; the name helps a reader
+                out[f.name] = value.name
+                out[f"{f.name}_sha256"] = file_digest(value)
+            elif isinstance(value, Path):
                 out[f.name] = str(value)
-                if f.metadata.get("digest"):
-                    out[f"{f.name}_sha256"] = file_digest(value)
             else:
                 out[f.name] = value
         return out
@@ -111,7 +119,7 @@ class Options:
         """What decides the results: the provenance, with a digested file known by its content alone."""
         prov = self.provenance()
         for f in dataclasses.fields(self):
-            if f.metadata.get("digest") and f"{f.name}_sha256" in prov:
+            if f.metadata.get("digest") and f"{f.name}_sha256" in prov or not f.metadata.get("affects_results", True):
                 prov.pop(f.name)
         return prov
 
@@ -171,7 +179,7 @@ def between(low: float, high: float) -> Check:
 
 
 def at_least(low: float) -> Check:
-    return lambda v: None if v >= low and not (isinstance(v, float) and math.isnan(v)) else f"must be at least {low:g}"
+    return lambda v: None if v >= low and not (isinstance(v, float) and math.isnan(v)) else f"give at least {low:g}"
 
 
 def existing_file(v: Path) -> str | None:

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ckptscope.analyzers.base import AnalysisContext
+from ckptscope.analyzers.contract import AnalysisContext
 from ckptscope.errors import SourceError
 from ckptscope.sources.checkpoint import Checkpoint
 from ckptscope.sources.layers import family

@@ -12,6 +12,7 @@ An analyzer is one module holding one `Analyzer` subclass that declares, in one 
   created by the store on first use;
 * `unit`, what its progress bar counts (tensors, batches, sequences);
 * `after`, analyzers whose intermediate results (`ctx.shared`) it reuses when they run too;
+* `final_metrics` and `refresh_final(ctx)`, when some rows are measured against the final step;
 * optionally `report_sections(db, selection)`, charts it adds to the HTML report.
 
 `analyze(ctx)` turns one checkpoint into `RunRows`. Built-in analyzers are the `Analyzer`
@@ -25,6 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from ckptscope.errors import CkptscopeError
 from ckptscope.options import NoOptions, Options
 from ckptscope.rows import RunRows, Table
 from ckptscope.sources.checkpoint import Checkpoint
@@ -77,8 +79,11 @@ class AnalysisContext:
         return self.references.get("final")
 
     def reference(self, key: str | int) -> Checkpoint | None:
-        """The checkpoint of a declared role or step; None when it is this checkpoint."""
-        return self.references.get(key)
+        """The checkpoint of a declared role or step; None when it is this checkpoint (or has none)."""
+        if key not in self.references:
+            raise CkptscopeError(f"reference {key} is not open while step {self.checkpoint.step} is analyzed: "
+                                 "the analyzer must declare it in references()")
+        return self.references[key]
 
 
 class Analyzer:
@@ -90,9 +95,15 @@ class Analyzer:
     tables: ClassVar[tuple[Table, ...]] = ()
     unit: ClassVar[str] = "tensors"
     after: ClassVar[tuple[str, ...]] = ()  # analyzers that, when chosen too, run first on each step (to reuse `ctx.shared`)
+    final_metrics: ClassVar[tuple[str, ...]] = ()  # metrics measured against "final": re-based by `refresh_final`
 
     def __init__(self, options: Options | None = None) -> None:
         self.options = options if options is not None else self.Options.build()
+
+    @classmethod
+    def of(cls, **options: Any) -> Analyzer:
+        """The analyzer with these options, checked: `ConvergenceAnalyzer.of(probe="probe.jsonl")`."""
+        return cls(cls.Options.build(options))
 
     @classmethod
     def references(cls, options: Options) -> tuple[str | int, ...]:
@@ -114,6 +125,14 @@ class Analyzer:
 
     def analyze(self, ctx: AnalysisContext) -> RunRows:
         """Rows for one checkpoint."""
+        raise NotImplementedError
+
+    def refresh_final(self, ctx: AnalysisContext) -> RunRows:
+        """Only the `final_metrics` rows of a step, against a later final step (`ctx.final`).
+
+        While a run grows, "final" is the last step ingested so far; when a later one arrives the
+        pipeline calls this for the earlier steps that still exist, instead of re-analyzing them.
+        """
         raise NotImplementedError
 
     @classmethod

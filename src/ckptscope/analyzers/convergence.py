@@ -23,12 +23,13 @@ from typing import Any
 import torch
 
 from ckptscope.analyzers.activations import LoadedModel, Site, backend, build_model, capture, load_model, padded_batches, tokenizer_dirs
-from ckptscope.analyzers.base import AnalysisContext
 from ckptscope.analyzers.cka import Cross, Side, Summary
+from ckptscope.analyzers.contract import AnalysisContext, Analyzer
 from ckptscope.analyzers.corpus import Sequences, check_vocab, load_corpus
 from ckptscope.errors import CkptscopeError
+from ckptscope.options import Options, at_least, option
+from ckptscope.rows import RunRows
 from ckptscope.sources.checkpoint import Checkpoint
-from ckptscope.store.db import RunRows
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # (input_ids, attention_mask)
 
@@ -52,36 +53,45 @@ def _activations(model: LoadedModel, sites: list[Site], batch: Batch) -> dict[st
     return {name: t[valid] for name, t in out.items()}
 
 
-class ConvergenceAnalyzer:
+@dataclass(frozen=True)
+class ConvergenceOptions(Options):
+    owner = "analyzer convergence"
+    probe: Path = option(help="Sequences (JSONL, Parquet or .npy) to compare activations on.", digest=True)
+    reference_step: str = option("final", check=lambda v: _reference_problem(v),
+                                 help="Step to compare with: final, first or a step number.")
+    batch_size: int = option(16, check=at_least(1), affects_results=False, help="Sequences per forward pass.")
+    cache_mb: float = option(2048, check=at_least(0), affects_results=False,
+                             help="Cache the reference step's activations when they fit this many MB.")
+    stats_mb: float = option(4096, check=at_least(0), affects_results=False,
+                             help="Memory for float64 CKA statistics, in MB: sites are processed in groups that fit.")
+
+
+class ConvergenceAnalyzer(Analyzer):
     """Per-layer linear CKA of activations on a probe set against a reference step."""
 
     name = "convergence"
-    uses_references = True  # CKA is taken against the final (or first) checkpoint
     version = "1.0.0"
+    Options = ConvergenceOptions
+    unit = "batches"
 
-    def __init__(self, probe: Path | str, *, reference_step: str | int = "final", batch_size: int = 16,
-                 cache_mb: float = 2048, stats_mb: float = 4096) -> None:
-        self.probe = load_corpus(probe, "probe")
-        self.reference_step = _parse_reference(reference_step)
-        if batch_size < 1:
-            raise CkptscopeError("--batch-size must be at least 1")
-        self.batch_size = batch_size
-        self.cache_mb, self.stats_mb = cache_mb, stats_mb
+    def __init__(self, options: ConvergenceOptions) -> None:
+        super().__init__(options)
+        self.probe = load_corpus(options.probe, "probe")
+        self.reference_step = _parse_reference(options.reference_step)
+        self.batch_size, self.cache_mb, self.stats_mb = options.batch_size, options.cache_mb, options.stats_mb
         self._seqs: Sequences | None = None
         self._batches: list[Batch] = []
         self._positions = 0
         self._reference_state: _Reference | None = None
 
     @classmethod
-    def from_options(cls, probe: Path | str | None = None, reference_step: str | int = "final", batch_size: int = 16,
-                     cache_mb: float = 2048, stats_mb: float = 4096, **_: Any) -> ConvergenceAnalyzer:
-        if probe is None:
-            raise CkptscopeError("the convergence analyzer needs --probe FILE (token sequences to compare activations on)")
-        return cls(probe, reference_step=reference_step, batch_size=batch_size, cache_mb=cache_mb, stats_mb=stats_mb)
+    def references(cls, options: ConvergenceOptions) -> tuple[str | int, ...]:
+        # final too: whether the reference is the final step decides the metric's name
+        ref = _parse_reference(options.reference_step)
+        return ("final",) if ref == "final" else (ref, "final")
 
     def parameters(self) -> dict[str, Any]:
-        return {**self.probe.provenance("probe"), "reference_step": self.reference_step, "batch_size": self.batch_size,
-                "samples": "token positions", "estimators": ["linear", "linear_debiased"]}
+        return {**super().parameters(), "samples": "token positions", "estimators": ["linear", "linear_debiased"]}
 
     # -- per checkpoint ----------------------------------------------------------------------
     def analyze(self, ctx: AnalysisContext) -> RunRows:
@@ -89,8 +99,9 @@ class ConvergenceAnalyzer:
         model = load_model(ctx.checkpoint, ctx.device)
         batches = self._prepare(ctx, model)
         sites = model.sites()
-        params = {**self.parameters(), "reference_step": (reference or ctx.checkpoint).step, "positions": self._positions}
-        out = RunRows(self.name, self.version, params, f"{model.dtype_label}; CKA statistics float64", backend(ctx.device))
+        out = self.new_rows(f"{model.dtype_label}; CKA statistics float64", backend(ctx.device),
+                            reference=(reference or ctx.checkpoint).step, positions=self._positions)
+        ctx.progress.start(0 if reference is None else len(batches) * len(self._groups(model, sites, matrices=2)))
         if reference is None:  # this step is the reference: identical representations
             values = {s.module: (1.0, 1.0) for s in sites}
         else:
@@ -110,11 +121,7 @@ class ConvergenceAnalyzer:
         final_step = ctx.final.step if ctx.final is not None else ctx.checkpoint.step
         step = (ctx.first.step if ctx.first is not None else ctx.checkpoint.step) if self.reference_step == "first" else self.reference_step
         label = "final" if step == final_step else "ref"
-        for ckpt in (ctx.checkpoint, ctx.first, ctx.previous, ctx.final):
-            if ckpt is not None and ckpt.step == step:
-                return (None if ckpt is ctx.checkpoint else ckpt), label
-        raise CkptscopeError(f"reference step {step} is not open while step {ctx.checkpoint.step} is analyzed; "
-                             "use --reference-step final or first")
+        return (None if step == ctx.checkpoint.step else ctx.reference(self.reference_step)), label
 
     def _prepare(self, ctx: AnalysisContext, model: LoadedModel) -> list[Batch]:
         """The probe as batches (built once per run), after checking it fits this model."""
@@ -153,7 +160,6 @@ class ConvergenceAnalyzer:
         for group in self._groups(model, sites, matrices=1):
             sides = {s.module: Side() for s in group}
             for b, batch in enumerate(batches):
-                ctx.on_tensor(f"reference step {ckpt.step}, batch {b + 1}/{len(batches)}")
                 for name, y in _activations(model, group, batch).items():
                     sides[name].add(y)
                     if acts is not None:
@@ -170,7 +176,7 @@ class ConvergenceAnalyzer:
             sides = {s.module: Side() for s in group}
             crosses = {s.module: Cross() for s in group}
             for b, batch in enumerate(batches):
-                ctx.on_tensor(f"step {ctx.checkpoint.step}, batch {b + 1}/{len(batches)}")
+                ctx.progress.advance()
                 xs = _activations(model, group, batch)
                 ys = ref.activations[b] if ref.activations is not None else _activations(ref.model, group, batch)
                 for name, x in xs.items():
@@ -181,13 +187,11 @@ class ConvergenceAnalyzer:
         return values
 
 
-def _parse_reference(value: str | int) -> str | int:
+def _parse_reference(value: str) -> str | int:
     """`final`, `first` or a step number."""
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-        return value
-    text = str(value).strip().lower()
-    if text in ("final", "first"):
-        return text
-    if text.isdigit():
-        return int(text)
-    raise CkptscopeError(f"bad --reference-step {value!r}; use final, first or a step number")
+    text = value.strip().lower()
+    return int(text) if text.isdigit() else text
+
+
+def _reference_problem(value: str) -> str | None:
+    return None if _parse_reference(value) in ("final", "first") or value.strip().isdigit() else "use final, first or a step number"

@@ -15,6 +15,7 @@ the prompt's KV cache, which greedy decoding then extends one token at a time.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,10 +24,11 @@ import torch
 import torch.nn.functional as F
 
 from ckptscope.analyzers.activations import CAUSAL, LoadedModel, Site, backend, capture, load_model, tokenizer_dirs
-from ckptscope.analyzers.base import AnalysisContext
+from ckptscope.analyzers.contract import AnalysisContext, Analyzer
 from ckptscope.analyzers.corpus import Sequences, check_vocab, load_corpus, require_length
 from ckptscope.errors import CkptscopeError
-from ckptscope.store.db import RunRows
+from ckptscope.options import Options, at_least, option
+from ckptscope.rows import RunRows, Table
 
 
 def greedy_continuation(module: torch.nn.Module, cache: Any, logits: torch.Tensor, steps: int,
@@ -44,40 +46,55 @@ def greedy_continuation(module: torch.nn.Module, cache: Any, logits: torch.Tenso
     return torch.stack(tokens, 1)
 
 
-class MemorizationAnalyzer:
+@dataclass(frozen=True)
+class MemorizationOptions(Options):
+    owner = "analyzer memorization"
+    corpus: Path = option(help="Sequences (JSONL, Parquet or .npy) to test for memorization.", digest=True)
+    prompt_len: int = option(32, check=at_least(1), help="Prompt tokens given to the model.")
+    continuation_len: int = option(32, check=at_least(1), help="Tokens generated greedily and compared with the truth.")
+    batch_size: int = option(16, check=at_least(1), affects_results=False, help="Sequences per forward pass.")
+
+
+MEMORIZATION = Table(
+    "memorization",
+    {"sequence_id": "VARCHAR NOT NULL -- the corpus row's id",
+     "score": "DOUBLE NOT NULL -- fraction of the continuation reproduced by greedy decoding",
+     "memorized": "BOOLEAN NOT NULL -- score = 1",
+     "loss": "DOUBLE -- mean cross-entropy (nats/token) of the true continuation",
+     "first_seen_step": "BIGINT -- when the sequence was trained on, if the corpus says"},
+    key=("sequence_id",),
+    doc="Pythia memorization score per sequence and step.",
+    views=("""CREATE OR REPLACE VIEW memorization_summary AS
+SELECT model, step, count(*) AS sequences, avg(memorized::INTEGER) AS memorized_rate,
+       avg(score) AS mean_score, avg(loss) AS mean_loss
+FROM memorization GROUP BY model, step""",),
+)
+
+
+class MemorizationAnalyzer(Analyzer):
     """Pythia memorization score, continuation loss and per-layer logit lens per corpus sequence."""
 
     name = "memorization"
-    uses_references = False  # each step stands alone: no first/last checkpoints are added
     version = "1.0.0"
+    Options = MemorizationOptions
+    tables = (MEMORIZATION,)
+    unit = "batches"
 
-    def __init__(self, corpus: Path | str, *, prompt_len: int = 32, continuation_len: int = 32, batch_size: int = 16) -> None:
-        if prompt_len < 1 or continuation_len < 1:
-            raise CkptscopeError("--prompt-len and --continuation-len must be at least 1")
-        if batch_size < 1:
-            raise CkptscopeError("--batch-size must be at least 1")
-        self.corpus = load_corpus(corpus, "corpus")
-        self.prompt_len, self.continuation_len, self.batch_size = prompt_len, continuation_len, batch_size
+    def __init__(self, options: MemorizationOptions) -> None:
+        super().__init__(options)
+        self.corpus = load_corpus(options.corpus, "corpus")
+        self.prompt_len, self.continuation_len, self.batch_size = options.prompt_len, options.continuation_len, options.batch_size
         self._seqs: Sequences | None = None
         self._skipped = 0
 
-    @classmethod
-    def from_options(cls, corpus: Path | str | None = None, prompt_len: int = 32, continuation_len: int = 32,
-                     batch_size: int = 16, **_: Any) -> MemorizationAnalyzer:
-        if corpus is None:
-            raise CkptscopeError("the memorization analyzer needs --corpus FILE (token sequences to test for memorization)")
-        return cls(corpus, prompt_len=prompt_len, continuation_len=continuation_len, batch_size=batch_size)
-
     def parameters(self) -> dict[str, Any]:
-        return {**self.corpus.provenance("corpus"), "prompt_len": self.prompt_len, "continuation_len": self.continuation_len,
-                "batch_size": self.batch_size, "decoding": "greedy, exactly continuation_len tokens",
+        return {**super().parameters(), "decoding": "greedy, exactly continuation_len tokens",
                 "logit_lens": "resid through final norm and unembedding, teacher-forced"}
 
     def analyze(self, ctx: AnalysisContext) -> RunRows:
         model = load_model(ctx.checkpoint, ctx.device)
         suppressed = self._suppressed(model)
-        out = RunRows(self.name, self.version, {**self.parameters(), "suppressed_tokens": suppressed},
-                      model.dtype_label, backend(ctx.device))
+        out = self.new_rows(model.dtype_label, backend(ctx.device), suppressed_tokens=suppressed)
         if model.kind != CAUSAL:
             out.anomalies.append((None, "not_applicable", f"memorization needs a causal LM; {ctx.checkpoint.path.name} is a masked LM"))
             return out
@@ -93,14 +110,15 @@ class MemorizationAnalyzer:
         length = self.prompt_len + self.continuation_len
         scores, losses, hits = [], [], torch.zeros(len(sites), dtype=torch.long)
         n_batches = math.ceil(len(seqs) / self.batch_size)
+        ctx.progress.start(n_batches)
         for b in range(n_batches):
-            ctx.on_tensor(f"memorization batch {b + 1}/{n_batches}")
             rows = seqs.tokens[b * self.batch_size : (b + 1) * self.batch_size]
             ids = torch.from_numpy(np.stack([np.asarray(t[:length], dtype=np.int64) for t in rows]))
             s, l, h = self._batch(model, ids, sites, suppressed)
             scores.append(s)
             losses.append(l)
             hits += h
+            ctx.progress.advance()
         score = torch.cat(scores).tolist()
         loss = [v if math.isfinite(v) else None for v in torch.cat(losses).tolist()]
         out.tables["memorization"] = {"sequence_id": list(seqs.ids), "score": score, "memorized": [v == 1.0 for v in score],

@@ -18,14 +18,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from ckptscope.analyzers.base import AnalysisContext
+from ckptscope.analyzers.contract import AnalysisContext, Analyzer
 from ckptscope.analyzers.fast_spectrum import fast_spectrum
 from ckptscope.analyzers.parallel import ordered_map
 from ckptscope.analyzers.spectral import CHUNK_ELEMENTS, add_gram_, heavy_tail_metrics, rank_norm_metrics, singular_values_from_gram, vector_metrics
-from ckptscope.errors import CkptscopeError
+from ckptscope.options import Options, at_least, between, option
+from ckptscope.rows import RunRows
 from ckptscope.sources.checkpoint import Checkpoint
 from ckptscope.sources.layers import Role, classify, is_buffer, orient, split_qkv
-from ckptscope.store.db import RunRows
 
 FINAL_METRICS = ("final_cosine", "final_relative_distance")
 TIERS = ("exact", "fast", "none")
@@ -128,36 +128,45 @@ def _merge(out: RunRows, part: RunRows) -> None:
     out.anomalies.extend(part.anomalies)
 
 
-class WeightAnalyzer:
-    """Spectral, rank, norm, update and weight-space convergence statistics per tensor.
+@dataclass(frozen=True)
+class WeightOptions(Options):
+    owner = "analyzer weights"
+    rtol: float = option(1e-3, check=between(0, 1), help="Relative tolerance of numerical_rank: σ > rtol·σ₁ counts.")
+    spectrum: str = option("exact", choices=TIERS, help=(
+        "How singular values are obtained: exact (matrices whose smaller side exceeds --exact-max-side fall back to fast), "
+        "fast (Lanczos: spectral norm, top-k spectrum, estimated effective rank), none (norms only)."))
+    exact_max_side: int = option(EXACT_MAX_SIDE, check=at_least(1),
+                                 help="Largest smaller side of a matrix whose spectrum --spectrum exact computes exactly.")
+
+
+class WeightAnalyzer(Analyzer):
+    """Spectra, ranks, norms, updates and weight-space convergence of every tensor.
 
     `spectrum` picks how singular values are obtained (recorded per row as `tier`): `exact`
     (float64 Gram eigensolve; matrices whose smaller side exceeds `exact_max_side` fall back to
     `fast`), `fast` (matrix-free Krylov methods: top-`fast_k` spectrum, spectral norm, estimated
-    effective rank; no alpha) or `none` (Frobenius norms, distances and cosines only).
+    effective rank; no alpha) or `none` (Frobenius norms, distances and cosines only). Exact
+    singular values of W are left in `ctx.shared[("sv", tensor, component)]` for later analyzers.
     """
 
     name = "weights"
-    uses_references = True  # deltas need the first and previous steps, convergence the final
     version = "1.1.0"
+    Options = WeightOptions
+    unit = "tensors"
+    final_metrics = FINAL_METRICS
+    spectra = ("weight", "delta_init")  # kinds whose singular values are stored
+    fast_k = 32
 
-    def __init__(self, *, rtol: float = 1e-3, spectra: tuple[str, ...] = ("weight", "delta_init"),
-                 spectrum: str = "exact", exact_max_side: int = EXACT_MAX_SIDE, fast_k: int = 32) -> None:
-        if spectrum not in TIERS:
-            raise CkptscopeError(f"--spectrum {spectrum!r} is not a tier; choose from: {', '.join(TIERS)}")
-        if exact_max_side < 1 or fast_k < 1:
-            raise CkptscopeError("--exact-max-side and the fast tier's k must be positive")
-        self.rtol, self.spectra, self.spectrum = rtol, spectra, spectrum
-        self.exact_max_side, self.fast_k = exact_max_side, fast_k
+    def __init__(self, options: WeightOptions | None = None) -> None:
+        super().__init__(options)
+        self.rtol, self.spectrum, self.exact_max_side = self.options.rtol, self.options.spectrum, self.options.exact_max_side
 
     @classmethod
-    def from_options(cls, rtol: float = 1e-3, spectrum: str = "exact", exact_max_side: int = EXACT_MAX_SIDE,
-                     **_: Any) -> WeightAnalyzer:
-        return cls(rtol=rtol, spectrum=spectrum, exact_max_side=exact_max_side)
+    def references(cls, options: Options) -> tuple[str, ...]:
+        return ("first", "previous", "final")  # deltas need the first and previous steps, convergence the final
 
     def parameters(self) -> dict[str, Any]:
-        return {"rtol": self.rtol, "alpha_thresh": 1e-5, "spectrum": self.spectrum, "exact_max_side": self.exact_max_side,
-                "fast_k": self.fast_k, "spectra_stored": list(self.spectra)}
+        return {**super().parameters(), "alpha_thresh": 1e-5, "fast_k": self.fast_k, "spectra_stored": list(self.spectra)}
 
     def tier(self, shape: tuple[int, ...]) -> str:
         """The tier a matrix of this (2-D) shape is analyzed with."""
@@ -170,10 +179,10 @@ class WeightAnalyzer:
         return f"torch-{torch.__version__}/{device}"
 
     def _run_rows(self, ctx: AnalysisContext) -> RunRows:
-        params = self.parameters()
+        params = {}
         for key, ref in (("first_step", ctx.first), ("previous_step", ctx.previous), ("final_step", ctx.final)):
             params[key] = ref.step if ref is not None else (None if key == "previous_step" else ctx.checkpoint.step)
-        return RunRows(self.name, self.version, params, "float64", self._backend(ctx.device))
+        return self.new_rows("float64", self._backend(ctx.device), **params)
 
     def analyze(self, ctx: AnalysisContext) -> RunRows:
         return self._all(ctx, final_only=False)
@@ -195,8 +204,9 @@ class WeightAnalyzer:
             return info.nbytes * (1 + refs) + 8 * (3 * side * side + 3 * min(CHUNK_ELEMENTS, math.prod(info.shape)))
 
         threads = torch.get_num_threads() if torch.device(ctx.device).type == "cpu" else 1
-        for name, part in ordered_map(names, lambda n: self._tensor(ctx, n, final_only=final_only), cost, threads=threads):
-            ctx.on_tensor(name)
+        ctx.progress.start(len(names))
+        for _name, part in ordered_map(names, lambda n: self._tensor(ctx, n, final_only=final_only), cost, threads=threads):
+            ctx.progress.advance()
             _merge(out, part)
         return out
 
@@ -290,6 +300,8 @@ class WeightAnalyzer:
         values.update(heavy_tail_metrics(sv) if tier == "exact" else self._log_norms(acc.sq_w, values.get("spectral_norm")))
         if sv is not None and "weight" in self.spectra:
             out.add_spectrum(name, role.layer, component, "weight", shape, sv, tier=tier)
+        if sv is not None and tier == "exact":
+            ctx.shared[("sv", name, component)] = sv
         for kind, ref, g, sq_diff, sq_ref in (("delta_init", m["first"], acc.gram_init, acc.sq_diff_first, acc.sq_first),
                                               ("delta_prev", m["previous"], acc.gram_prev, acc.sq_diff_prev, acc.sq_prev)):
             if ref is not None and math.isfinite(sq_diff):  # a NaN/Inf reference gives no delta

@@ -43,6 +43,11 @@ def _thin(steps: list[int], n: int) -> list[int]:
     return sorted(kept)
 
 
+def nearest(step: int, available: list[int], k: int = 3) -> list[int]:
+    """The `k` available steps closest to `step`, ascending: what an error suggests instead."""
+    return sorted(sorted(available, key=lambda s: abs(s - step))[:k])
+
+
 def select_steps(spec: str | None, available: list[int], *, max_steps: int | None = None) -> list[int]:
     """Resolve a step SPEC against the sorted available steps."""
     available = sorted(set(available))
@@ -75,8 +80,7 @@ def select_steps(spec: str | None, available: list[int], *, max_steps: int | Non
             except ValueError:
                 raise CkptscopeError(f"bad step {term!r} in --steps; use numbers, ranges A:B:S, all, first, last or log") from None
             if step not in have:
-                near = sorted(available, key=lambda s: abs(s - step))[:3]
-                raise CkptscopeError(f"step {step} is not available; nearest available: {', '.join(map(str, sorted(near)))}")
+                raise CkptscopeError(f"step {step} is not available; nearest available: {', '.join(map(str, nearest(step, available)))}")
             chosen.add(step)
     if not chosen:
         raise CkptscopeError(f"--steps {spec!r} selects no available step (available: {available[0]}..{available[-1]})")

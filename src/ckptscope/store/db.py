@@ -1,4 +1,4 @@
-"""The DuckDB store: one file, documented tables and views (see schema.sql and README).
+"""The DuckDB store: one file, documented tables and views (core.sql, views.sql, migrations.py).
 
 Writes happen only through `write_checkpoint`, one transaction per checkpoint, so a crash or
 a kill loses at most the checkpoint in flight and a rerun resumes where the last one ended.
@@ -10,8 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import dataclass, field, replace
-from importlib.resources import files
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,12 +19,12 @@ import polars as pl
 import pyarrow as pa
 
 from ckptscope.errors import StoreError
+from ckptscope.rows import CheckpointRows, ModelRow, RunRows, Table, column
+from ckptscope.store import migrations
 
-SCHEMA_VERSION = "2"
-READABLE_VERSIONS = {"1", "2"}  # v1 lacks the tier columns; it is upgraded when first written to
 DEFAULT_STORE = "ckptscope.duckdb"
 READ_STATEMENTS = {"SELECT", "EXPLAIN"}
-RUN_TABLES = ("metric_values", "spectra", "memorization", "anomalies", "runs")  # rows owned by a run
+CORE_RUN_TABLES = ("metric_values", "spectra", "anomalies", "runs")  # rows owned by a run, besides analyzer tables
 
 
 def default_store_path() -> Path:
@@ -35,74 +34,6 @@ def default_store_path() -> Path:
 
 def _one_line(exc: Exception) -> str:
     return " ".join(str(exc).split())[:300]
-
-
-@dataclass
-class RunRows:
-    """What one analyzer produced for one checkpoint, before it has a run_id.
-
-    Columnar lists, so a worker process can ship them as Arrow and the driver inserts them
-    without touching Python objects row by row.
-    """
-
-    analyzer: str
-    version: str
-    parameters: dict[str, Any]
-    dtype: str
-    backend: str
-    metrics: dict[str, list] = field(default_factory=lambda: {k: [] for k in ("tensor", "layer", "component", "metric", "value", "tier")})
-    spectra: dict[str, list] = field(default_factory=lambda: {k: [] for k in ("tensor", "layer", "component", "kind", "rows", "cols", "sv", "tier")})
-    anomalies: list[tuple[str | None, str, str]] = field(default_factory=list)
-    tables: dict[str, dict[str, list]] = field(default_factory=dict)  # analyzer-specific tables, e.g. memorization
-
-    def add_metrics(self, tensor: str, layer: int | None, component: str, values: dict[str, float],
-                    tier: str | None = None) -> None:
-        """`tier` says how a matrix's spectrum was obtained (exact | fast | none); None for other rows."""
-        for metric, value in values.items():
-            for key, item in zip(self.metrics, (tensor, layer, component, metric, float(value), tier)):
-                self.metrics[key].append(item)
-
-    def add_spectrum(self, tensor: str, layer: int | None, component: str, kind: str, shape: tuple[int, int], sv,
-                     tier: str = "exact") -> None:
-        for key, value in zip(self.spectra, (tensor, layer, component, kind, shape[0], shape[1], [float(x) for x in sv], tier)):
-            self.spectra[key].append(value)
-
-    def to_arrow(self) -> RunRows:
-        """The same rows with Arrow arrays for columns: a few buffers to pickle instead of a Python
-        object per value. `Store` inserts either form as it is."""
-        def arrays(columns: dict[str, list]) -> dict[str, pa.Array]:
-            return {key: _column(key, values) for key, values in columns.items()}
-
-        return replace(self, metrics=arrays(self.metrics), spectra=arrays(self.spectra),
-                       tables={name: arrays(columns) for name, columns in self.tables.items()})
-
-
-@dataclass
-class ModelRow:
-    """The description of a model, refreshed by every ingest (the latest view wins)."""
-
-    source: str
-    architecture: str
-    num_layers: int | None
-    num_parameters: int | None
-    tokens_per_step: int | None
-    config: dict | None
-
-
-@dataclass
-class CheckpointRows:
-    """Everything one checkpoint adds to the store; written in one transaction."""
-
-    model: str
-    step: int
-    tokens: int | None
-    revision: str
-    source: str
-    content_hash: str | None
-    tensors: dict[str, list]  # tensor, layer, component, shape, dtype
-    runs: list[RunRows]
-    status: str = "ok"
-    anomaly: tuple[str, str] | None = None  # checkpoint-level (kind, detail), e.g. a missing revision
 
 
 class Store:
@@ -153,37 +84,25 @@ class Store:
         return rows[0][0] if rows else None
 
     def _migrate(self) -> None:
-        existing = self._scalar("SELECT count(*) FROM information_schema.tables WHERE table_name = 'meta'")
-        if existing:  # an existing store is left byte-identical until something is written
-            if self._check_version() == "1":
-                self._upgrade_from_v1()
+        """Bring the store up to date (one transaction); an up-to-date store is left byte-identical."""
+        self._check_version()
+        try:
+            migrations.migrate(self.con)
+        except duckdb.Error as exc:
+            raise StoreError(f"cannot upgrade store {self.path}: {_one_line(exc)}") from None
+
+    def _check_version(self) -> None:
+        try:
+            done = migrations.applied(self.con)
+        except duckdb.Error as exc:
+            raise StoreError(f"cannot read store {self.path}: {_one_line(exc)}") from None
+        if done is None:
+            if self.read_only or self._scalar("SELECT count(*) FROM information_schema.tables"):
+                raise StoreError(f"{self.path} is not a ckptscope store (no meta table); pass the right --store")
             return
-        self.con.execute(files("ckptscope.store").joinpath("schema.sql").read_text())
-        self.con.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", [SCHEMA_VERSION])
-
-    def _upgrade_from_v1(self) -> None:
-        """v1 → v2: add the `tier` columns (NULL for old rows) and re-create the views that show them."""
-        con = self.con
-        con.begin()
-        try:
-            for table in ("metric_values", "spectra"):
-                con.execute(f"ALTER TABLE {table} ADD COLUMN tier VARCHAR")
-            views = files("ckptscope.store").joinpath("schema.sql").read_text().split("CREATE OR REPLACE VIEW metrics AS", 1)[1]
-            con.execute("CREATE OR REPLACE VIEW metrics AS" + views)
-            con.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", [SCHEMA_VERSION])
-            con.commit()
-        except BaseException:
-            con.rollback()
-            raise
-
-    def _check_version(self) -> str | None:
-        try:
-            version = self._scalar("SELECT value FROM meta WHERE key = 'schema_version'")
-        except duckdb.CatalogException:
-            raise StoreError(f"{self.path} is not a ckptscope store (no meta table); pass the right --store") from None
-        if version is not None and version not in READABLE_VERSIONS:
-            raise StoreError(f"store {self.path} has schema version {version}, this ckptscope writes {SCHEMA_VERSION}; upgrade ckptscope")
-        return version
+        newer = migrations.unknown(done)
+        if newer:
+            raise StoreError(f"store {self.path} was written by a newer ckptscope (migration {newer[0]}); upgrade ckptscope")
 
     # -- reading ---------------------------------------------------------------------------
     def sql(self, query: str, params: list | None = None) -> pl.DataFrame:
@@ -260,8 +179,12 @@ class Store:
         return self.sql("SELECT * FROM anomalies WHERE model = ? ORDER BY step, tensor", [model])
 
     # -- writing ---------------------------------------------------------------------------
-    def write_checkpoint(self, rows: CheckpointRows, *, replace: bool = False, model: ModelRow | None = None) -> None:
+    def write_checkpoint(self, rows: CheckpointRows, *, replace: bool = False, model: ModelRow | None = None,
+                         tables: Sequence[tuple[str, Table]] = ()) -> None:
         """Write all of one checkpoint's rows in a single transaction (replacing them with `replace`).
+
+        `tables` are the (analyzer, table) declarations of the runs' extra tables: a table not in
+        the store yet is created in the same transaction, so it appears with its first rows.
 
         `model` registers or refreshes the model's description in the same transaction, so a
         model never appears in the store without a checkpoint. `duplicate_of` is worked out
@@ -269,8 +192,10 @@ class Store:
         steps are written in (parallel executors finish them out of order).
         """
         con = self.con
+        declared = {t.name: t for _, t in tables}
         con.begin()
         try:
+            self._ensure_tables(tables)
             if model is not None:
                 con.execute(
                     "INSERT OR REPLACE INTO models (model, source, architecture, num_layers, num_parameters, tokens_per_step, config) "
@@ -301,8 +226,10 @@ class Store:
                 if run.spectra["sv"]:
                     self._insert("spectra", rows.model, rows.step, run_id, run.spectra)
                 for table, columns in run.tables.items():
-                    if columns and next(iter(columns.values())):
-                        self._insert(table, rows.model, rows.step, run_id, columns)
+                    if table not in declared:
+                        raise StoreError(f"analyzer {run.analyzer} wrote rows for table {table!r}, which it does not declare")
+                    if columns and len(next(iter(columns.values()))):
+                        self._insert(table, rows.model, rows.step, run_id, columns, declared=declared[table])
                 for tensor, kind, detail in run.anomalies:
                     self._add_anomaly(rows.model, rows.step, tensor, kind, detail, run_id)
             con.commit()
@@ -350,9 +277,23 @@ class Store:
             con.rollback()
             raise
 
-    def run_parameters(self, model: str, analyzer: str) -> dict[int, dict]:
-        rows = self.con.execute("SELECT step, parameters FROM runs WHERE model = ? AND analyzer = ?", [model, analyzer]).fetchall()
-        return {step: json.loads(params) for step, params in rows}
+    def runs_of(self, model: str, analyzer: str) -> dict[int, tuple[str, dict]]:
+        """step -> (analyzer version, parameters) of the stored runs of `analyzer` on `model`."""
+        rows = self.con.execute("SELECT step, version, parameters FROM runs WHERE model = ? AND analyzer = ?",
+                                [model, analyzer]).fetchall()
+        return {step: (version, json.loads(params)) for step, version, params in rows}
+
+    def set_tokens_per_step(self, model: str, tokens_per_step: int) -> None:
+        """Rewrite the model's tokens per step and every stored step's tokens (step × it), in one transaction."""
+        con = self.con
+        con.begin()
+        try:
+            con.execute("UPDATE models SET tokens_per_step = ? WHERE model = ?", [tokens_per_step, model])
+            con.execute("UPDATE checkpoints SET tokens = step * ? WHERE model = ?", [tokens_per_step, model])
+            con.commit()
+        except BaseException:
+            con.rollback()
+            raise
 
     def _delete_step(self, model: str, step: int, analyzers: list[str]) -> None:
         ids = [r[0] for r in self.con.execute(
@@ -360,7 +301,7 @@ class Store:
             [model, step, *analyzers]).fetchall()]
         if ids:
             marks = ", ".join("?" * len(ids))
-            for table in RUN_TABLES:
+            for table in self.run_tables():
                 self.con.execute(f"DELETE FROM {table} WHERE run_id IN ({marks})", ids)
         self.con.execute("DELETE FROM anomalies WHERE model = ? AND step = ? AND run_id IS NULL", [model, step])
         self.con.execute("DELETE FROM tensors WHERE model = ? AND step = ?", [model, step])  # rewritten with the checkpoint
@@ -369,7 +310,38 @@ class Store:
         self.con.execute("INSERT INTO anomalies (run_id, model, step, tensor, kind, detail) VALUES (?, ?, ?, ?, ?, ?)",
                          [run_id, model, step, tensor, kind, detail])
 
-    def _insert(self, table: str, model: str, step: int, run_id: int | None, columns: dict[str, list], replace_keys: bool = False) -> None:
+    def run_tables(self) -> list[str]:
+        """Every table whose rows belong to an analyzer run: the core ones and the declared ones."""
+        return [*CORE_RUN_TABLES, *(r[0] for r in self.con.execute("SELECT table_name FROM analyzer_tables").fetchall())]
+
+    def _ensure_tables(self, tables: Sequence[tuple[str, Table]]) -> None:
+        """Create declared tables (and their views) not in the store yet; add columns a newer
+        declaration has. A column of another type is refused: that would change a public table."""
+        for analyzer, table in tables:
+            have = dict(self.con.execute("SELECT column_name, data_type FROM information_schema.columns WHERE table_name = ?",
+                                         [table.name]).fetchall())
+            owner = self._scalar("SELECT analyzer FROM analyzer_tables WHERE table_name = ?", [table.name])
+            if owner is not None and owner != analyzer:
+                raise StoreError(f"analyzer {analyzer} declares table {table.name!r}, which analyzer {owner} owns; rename the table")
+            if have and owner is None:
+                raise StoreError(f"analyzer {analyzer} declares table {table.name!r}, which is a core table; rename it")
+            if not have:
+                self.con.execute(table.ddl())
+            for col, kind in table.types().items():
+                base = kind.removesuffix(" NOT NULL")
+                if col not in have:
+                    if have:
+                        self.con.execute(f"ALTER TABLE {table.name} ADD COLUMN {col} {base}")
+                elif have[col] != base and not (base == "JSON" and have[col] == "VARCHAR"):
+                    raise StoreError(f"table {table.name}: column {col} is {have[col]} in the store but analyzer {analyzer} "
+                                     f"declares {base}; give the analyzer a new table name")
+            for view in table.views:
+                self.con.execute(view)
+            self.con.execute("INSERT OR REPLACE INTO analyzer_tables (table_name, analyzer, columns, key) VALUES (?, ?, ?, ?)",
+                             [table.name, analyzer, json.dumps(table.types()), json.dumps(list(table.key))])
+
+    def _insert(self, table: str, model: str, step: int, run_id: int | None, columns: dict[str, list],
+                replace_keys: bool = False, declared: Table | None = None) -> None:
         n = len(next(iter(columns.values())))
         data: dict[str, Any] = {}
         if run_id is not None:
@@ -377,7 +349,12 @@ class Store:
         data["model"] = pa.array([model] * n, pa.string())
         data["step"] = pa.array([step] * n, pa.int64())
         for key, values in columns.items():
-            data[key] = _column(key, values)
+            if declared is None:
+                data[key] = column(key, values)
+            elif isinstance(values, pa.Array):
+                data[key] = values.cast(declared.arrow_type(key))
+            else:
+                data[key] = pa.array(values, declared.arrow_type(key))
         batch = pa.table(data)
         cols = ", ".join(batch.column_names)
         verb = "INSERT OR REPLACE" if replace_keys else "INSERT"
@@ -386,22 +363,3 @@ class Store:
             self.con.execute(f"{verb} INTO {table} ({cols}) SELECT {cols} FROM _ckptscope_batch")
         finally:
             self.con.unregister("_ckptscope_batch")
-
-
-def _column(key: str, values: list | pa.Array) -> pa.Array:
-    """A row column as the Arrow type of its store column (named alike in every table)."""
-    if isinstance(values, pa.Array):
-        return values
-    if key == "sv":
-        kind = pa.list_(pa.float64())
-    elif key == "shape":
-        kind = pa.list_(pa.int64())
-    elif key in ("layer", "rows", "cols", "first_seen_step"):
-        kind = pa.int64()
-    elif key in ("value", "score", "loss"):
-        kind = pa.float64()
-    elif key == "memorized":
-        kind = pa.bool_()
-    else:
-        kind = pa.string()
-    return pa.array(values, kind)

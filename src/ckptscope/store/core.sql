@@ -1,9 +1,5 @@
--- ckptscope store schema, version 2. A public API: every table and view is documented in README.md.
-
-CREATE TABLE IF NOT EXISTS meta (
-    key   VARCHAR PRIMARY KEY,
-    value VARCHAR NOT NULL
-);
+-- ckptscope core tables as first released (migration 0001_core_tables); later migrations
+-- (store/migrations.py) extend them. A public API: every table and view is documented in the docs.
 
 -- One row per model (a training run or a published suite member).
 CREATE TABLE IF NOT EXISTS models (
@@ -66,8 +62,7 @@ CREATE TABLE IF NOT EXISTS metric_values (
     layer     INTEGER,
     component VARCHAR NOT NULL,
     metric    VARCHAR NOT NULL,
-    value     DOUBLE,
-    tier      VARCHAR                   -- how a matrix's spectrum was obtained: exact | fast | none; NULL otherwise
+    value     DOUBLE
 );
 
 -- Singular values (descending) of every analyzed matrix: of W itself (kind 'weight'),
@@ -82,8 +77,7 @@ CREATE TABLE IF NOT EXISTS spectra (
     kind      VARCHAR NOT NULL,
     rows      BIGINT NOT NULL,          -- oriented (out, in) shape of the matrix
     cols      BIGINT NOT NULL,
-    sv        DOUBLE[] NOT NULL,        -- all min(rows, cols) values (tier exact) or the top k (tier fast)
-    tier      VARCHAR
+    sv        DOUBLE[] NOT NULL         -- all min(rows, cols) values (tier exact) or the top k (tier fast)
 );
 
 -- Problems found while ingesting; they never stop a run.
@@ -96,52 +90,3 @@ CREATE TABLE IF NOT EXISTS anomalies (
     detail   VARCHAR NOT NULL,
     found_at TIMESTAMP NOT NULL DEFAULT current_timestamp
 );
-
--- Pythia memorization score per sequence and step (analyzer `memorization`).
-CREATE TABLE IF NOT EXISTS memorization (
-    run_id          BIGINT NOT NULL,
-    model           VARCHAR NOT NULL,
-    step            BIGINT NOT NULL,
-    sequence_id     VARCHAR NOT NULL,
-    score           DOUBLE NOT NULL,    -- fraction of the continuation reproduced by greedy decoding
-    memorized       BOOLEAN NOT NULL,   -- score = 1
-    loss            DOUBLE,             -- mean cross-entropy (nats/token) of the true continuation
-    first_seen_step BIGINT              -- when the sequence was trained on, if known
-);
-
-CREATE OR REPLACE VIEW metrics AS
-SELECT v.model, v.step, c.tokens, v.layer, v.component, v.tensor, v.metric, v.value,
-       r.analyzer, r.version AS analyzer_version, v.tier, v.run_id
-FROM metric_values v
-JOIN runs r USING (run_id)
-LEFT JOIN checkpoints c ON c.model = v.model AND c.step = v.step;
-
--- Metrics with layers at relative depth and steps as training progress, for comparing
--- models of different depth and length on one axis.
-CREATE OR REPLACE VIEW layer_metrics AS
-SELECT m.*, m.layer::DOUBLE / NULLIF(md.num_layers, 0) AS relative_depth,
-       m.step::DOUBLE / NULLIF(last.last_step, 0) AS progress
-FROM metrics m
-JOIN models md USING (model)
-JOIN (SELECT model, max(step) AS last_step FROM checkpoints WHERE status = 'ok' GROUP BY model) last USING (model);
-
-CREATE OR REPLACE VIEW memorization_summary AS
-SELECT model, step, count(*) AS sequences, avg(memorized::INTEGER) AS memorized_rate,
-       avg(score) AS mean_score, avg(loss) AS mean_loss
-FROM memorization GROUP BY model, step;
-
--- First step from which CKA to the final checkpoint stays at or above `threshold` for good.
-CREATE OR REPLACE MACRO stabilization_at(threshold) AS TABLE
-SELECT model, layer, component, min(step) AS stabilization_step,
-       min(step)::DOUBLE / any_value(last_step) AS stabilization_fraction
-FROM (
-    SELECT m.model, m.layer, m.component, m.step, l.last_step,
-           min(m.value) OVER (PARTITION BY m.model, m.layer, m.component ORDER BY m.step DESC) AS worst_after
-    FROM metrics m
-    JOIN (SELECT model, max(step) AS last_step FROM checkpoints WHERE status = 'ok' GROUP BY model) l USING (model)
-    WHERE m.metric = 'cka_final'
-)
-WHERE worst_after >= threshold
-GROUP BY model, layer, component;
-
-CREATE OR REPLACE VIEW stabilization AS SELECT * FROM stabilization_at(0.9);

@@ -1,0 +1,319 @@
+"""Ingest: source → step tasks → executor → analyzers → rows → store.
+
+`ingest()` validates everything it can before the store is touched (options, paths, step
+selection, analyzer names, every selected local checkpoint's headers, shape agreement, the
+parameters of earlier runs), so bad input leaves the store exactly as it was. Then an executor
+analyzes the steps while this process, the driver, alone writes the store: each checkpoint's
+rows land in one transaction as its result arrives, so an interrupted run resumes where it
+stopped and never duplicates rows.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Mapping
+from contextlib import closing, contextmanager, nullcontext
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from ckptscope.analyzers import registry
+from ckptscope.analyzers.contract import AnalysisContext, Analyzer
+from ckptscope.errors import CkptscopeError, SourceError
+from ckptscope.options import Options
+from ckptscope.pipeline.executors import Executor, ExecutorSpec, StepsFailed, describe, is_fatal
+from ckptscope.pipeline.plan import MAX_LISTED, Plan, plan, reconcile
+from ckptscope.pipeline.tasks import AnalyzerSpec, Checkpoints, StepResult, StepTask, tensor_rows
+from ckptscope.rows import CheckpointRows, ModelRow
+from ckptscope.sources.spec import SourceSpec
+from ckptscope.store.db import Store, default_store_path
+
+log = logging.getLogger(__name__)
+REPORT_SCHEMA = {"step": pl.Int64, "status": pl.String, "duplicate_of": pl.Int64, "tensors": pl.Int64, "seconds": pl.Float64}
+Selection = str | list[str] | tuple[str, ...] | Mapping[str, Mapping[str, Any] | Options] | None
+
+
+def ingest(source: str | Path | SourceSpec, *, analyzers: Selection = None, executor: ExecutorSpec | str | None = None,
+           store: Store | str | Path | None = None, force: bool = False, progress: bool = False,
+           **options: Any) -> pl.DataFrame:
+    """Analyze the checkpoints of a local run or a hub suite into the store; one row per step written.
+
+    `source` is a path, a catalog name or a hub repo (or a built `SourceSpec`); `analyzers` a
+    comma-separated string or list of names (default: `weights`), or a mapping name → options.
+    `executor` (an `ExecutorSpec`, or its kind "local" | "ray") says where steps run, never what
+    comes out. Every other keyword
+    is an option declared by `SourceSpec` (`steps`, `name`, `tokens_per_step`, `cache_dir`, …),
+    `ExecutorSpec` (`workers`, `device`, …) or a chosen analyzer (`rtol`, `probe`, …), routed by
+    name; `ckptscope analyzers` lists them. Steps already analyzed are skipped unless `force`.
+    Raises `CkptscopeError` on bad input, before anything is written; a step that fails on a
+    worker is reported after the other steps are written (`StepsFailed`), and rerunning resumes.
+    """
+    spec, runner, chosen = resolve(source, analyzers, executor, options)
+    return IngestRun(spec, chosen, runner, force=force, progress=progress).run(store)
+
+
+def analyze(model: str, analyzers: Selection, *, store: str | Path | None = None, steps: str | None = None,
+            **options: Any) -> pl.DataFrame:
+    """Run analyzers on a model already in the store, re-opening the source it was ingested from.
+
+    Without `steps`, the steps already ingested for the model are analyzed. Other keywords are
+    those of `ingest()`.
+    """
+    path = Path(store) if store is not None else default_store_path()
+    with Store(path, read_only=True) as db:
+        row = db.model(model)
+        if row is None:
+            known = db.sql("SELECT model FROM models ORDER BY model")["model"].to_list()
+            raise SourceError(f"model {model!r} is not in {path} (models: {', '.join(known) or 'none'}); ingest it first")
+        done = db.sql("SELECT step FROM checkpoints WHERE model = ? AND status = 'ok' ORDER BY step", [model])["step"].to_list()
+    source = row["source"].removeprefix("hub:")
+    if "*" in source:  # one repo per step: re-open through the catalog name
+        source = model
+    return ingest(source, store=path, name=model, steps=steps or ",".join(map(str, done)), analyzers=analyzers, **options)
+
+
+def resolve(source: str | Path | SourceSpec, analyzers: Selection, executor: ExecutorSpec | str | None,
+            options: Mapping[str, Any]) -> tuple[SourceSpec, ExecutorSpec, list[Analyzer]]:
+    """Route flat options to the source, the executor and the chosen analyzers by their declared names.
+
+    An option no one declares, or one that only an analyzer not chosen declares, is an error:
+    silently ignoring `--probe` without `--analyzers convergence` would hide a mistake.
+    """
+    remaining = dict(options)
+    if isinstance(executor, str):
+        remaining["executor"], executor = executor, None
+    if isinstance(source, SourceSpec):
+        spec = source
+    else:
+        text = str(Path(source).expanduser().absolute()) if isinstance(source, Path) else str(source)
+        spec = SourceSpec.build({k: remaining.pop(k) for k in SourceSpec.names() - {"source"} if k in remaining}, source=text)
+    runner = executor or ExecutorSpec.build({k: remaining.pop(k) for k in ExecutorSpec.names() if k in remaining})
+    per_analyzer = dict(analyzers) if isinstance(analyzers, Mapping) else {}
+    names = registry.names(list(per_analyzer) if per_analyzer else analyzers)
+    chosen = []
+    for name in names:
+        cls = registry.get(name)
+        given = per_analyzer.get(name) or {}
+        if not isinstance(given, Options):
+            given = {**{k: v for k, v in remaining.items() if k in cls.Options.names()}, **given}
+        chosen.append(registry.build(name, given))
+    taken = set().union(*(type(a.options).names() for a in chosen))
+    stray = sorted(set(remaining) - taken)
+    if stray:
+        owners = {k: sorted(n for n, f in registry.discover().items() if f.cls and k in f.cls.Options.names()) for k in stray}
+        first = stray[0]
+        hint = (f"it is an option of analyzer {', '.join(owners[first])}: add it to --analyzers" if owners[first]
+                else "no analyzer, source or executor declares it (`ckptscope analyzers` lists the options)")
+        raise CkptscopeError(f"--{first.replace('_', '-')}: {hint}")
+    return spec, runner, registry.ordered(chosen)
+
+
+class _Bars:
+    """The run's progress: one bar over checkpoints, one over the current analyzer's units."""
+
+    def __init__(self, bar: Progress, model: str, total: int) -> None:
+        self.bar = bar
+        self.steps = bar.add_task(f"{model} checkpoints", total=total)
+        self.work = bar.add_task("", total=0, visible=False)
+
+    def start(self, step: int, analyzer: str, unit: str, total: int) -> None:
+        self.bar.reset(self.work, total=total, visible=True, description=f"step {step} {analyzer} ({unit})")
+
+    def advance(self, n: int) -> None:
+        self.bar.advance(self.work, n)
+
+    def step_done(self) -> None:
+        self.bar.advance(self.steps)
+        self.bar.update(self.work, visible=False)
+
+
+@contextmanager
+def _progress(enabled: bool) -> Iterator[Progress]:
+    # markup=False: model names like `gpt[lr=3e-3]` are shown as they are
+    columns = (TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TimeRemainingColumn())
+    with Progress(*columns, console=Console(stderr=True), disable=not enabled, transient=False) as bar:
+        yield bar
+
+
+class IngestRun:
+    """One ingest: plan the steps, hand them to the executor, write each result as it arrives.
+
+    Steps may finish out of order; revisions found without weights are recorded once; at the
+    end, rows measured against an older final step are re-based.
+    """
+
+    def __init__(self, spec: SourceSpec, analyzers: list[Analyzer], executor: ExecutorSpec, *, force: bool = False,
+                 progress: bool = False) -> None:
+        self.spec, self.analyzers, self.executor = spec, analyzers, executor
+        self.force, self.progress = force, progress
+        self.tables = [(a.name, t) for a in analyzers for t in a.tables]
+        self.report: list[dict] = []
+
+    def run(self, store: Store | str | Path | None) -> pl.DataFrame:
+        src = self.spec.open()
+        try:
+            self.plan = plan(src, name=self.spec.name, steps=self.spec.steps, max_steps=self.spec.max_steps,
+                             analyzers=self.analyzers)
+            runner = self.executor.make(src, self.analyzers)
+            # The executor starts before the store is written: a cluster that cannot be reached leaves it untouched.
+            # With nothing to analyze it does not start at all (re-basing final_* rows runs here).
+            if isinstance(store, Store):
+                self._reconcile(store)
+                with runner if self.plan.todo else nullcontext():
+                    return self._execute(store, runner)
+            path = Path(store) if store is not None else default_store_path()
+            if path.exists():  # look read-only first: a mistake found here must not touch the file
+                with Store(path, read_only=True) as ro:
+                    self._reconcile(ro)
+                if not self.plan.todo and not self.plan.stale_final and self.plan.retokenize is None:
+                    return pl.DataFrame(schema=REPORT_SCHEMA)
+            with runner if self.plan.todo else nullcontext(), Store(path) as db:
+                self._reconcile(db)
+                return self._execute(db, runner)
+        finally:
+            src.close()
+
+    def _reconcile(self, db: Store) -> None:
+        reconcile(self.plan, db, self.analyzers, force=self.force, tokens_per_step=self.spec.tokens_per_step)
+
+    # -- the run -------------------------------------------------------------------------------
+    def _execute(self, db: Store, runner: Executor) -> pl.DataFrame:
+        p = self.plan
+        if p.retokenize is not None:
+            db.set_tokens_per_step(p.model, p.retokenize)
+        if not (p.todo or p.stale_final):
+            return pl.DataFrame(schema=REPORT_SCHEMA)
+        self.db = db
+        prior = db.model(p.model)
+        self.tokens_per_step = self.spec.tokens_per_step or (prior["tokens_per_step"] if prior else None)
+        self.registered = False
+        stored_ok = set(db.sql("SELECT step FROM checkpoints WHERE model = ? AND status = 'ok'", [p.model])["step"].to_list())
+        # References are the steps in the store or being ingested that the source still holds.
+        self.all_steps = sorted(set(p.todo) | (stored_ok & set(p.available)))
+        self.stored_ok = stored_ok
+        self.seen_missing: set[int] = set()
+        self.unrecorded: dict[int, tuple[str, str]] = {}  # missing revisions waiting for the architecture (the model row needs it)
+        failures: dict[int, BaseException] = {}
+        spec = AnalyzerSpec.of(self.analyzers)
+        source_spec = self.spec.resolved(p.source)
+        ckpts = Checkpoints(p.source, p.available)  # for re-basing, done here
+        try:
+            with _progress(self.progress) as bar:
+                bars = _Bars(bar, p.model, len(p.todo))
+
+                def tasks() -> Iterator[StepTask]:
+                    for i, step in enumerate(p.todo):
+                        if self.in_a_row >= runner.window:  # every step in flight failed: the source or the cluster is down
+                            return
+                        if step not in self.all_steps:  # found missing while it served as a reference
+                            bars.step_done()
+                            continue
+                        following = p.todo[i + 1] if runner.prefetches and i + 1 < len(p.todo) else None
+                        yield StepTask(source_spec, spec, step, tuple(p.available[s] for s in self.all_steps), p.arch,
+                                       pinned=tuple(p.available[s] for s in p.pinned), device=self.executor.device,
+                                       threads=runner.threads,
+                                       prefetch=p.available[following] if following is not None else None)
+
+                self.in_a_row = 0  # failures since the last step that came back
+                with closing(runner.run(tasks(), bars)) as outcomes:
+                    for task, outcome in outcomes:
+                        bars.step_done()
+                        if isinstance(outcome, StepResult):
+                            self.in_a_row = 0
+                            self._store(outcome)
+                        elif is_fatal(outcome):
+                            raise outcome
+                        else:
+                            if not isinstance(outcome, CkptscopeError):  # a crash or a bug: keep its traceback
+                                log.warning("step %d failed", task.step, exc_info=outcome)
+                            failures[task.step] = outcome
+                            self.in_a_row += 1
+                if failures:
+                    written = {row["step"] for row in self.report}
+                    not_started = sum(1 for s in p.todo if s in self.all_steps and s not in written and s not in failures)
+                    raise _failed(failures, not_started) from next(iter(failures.values()))
+                if self.all_steps:
+                    self._refresh_final(ckpts, bar)
+        finally:  # hub downloads and memory maps are released however the run ends
+            ckpts.keep_only(set())
+        duplicates = dict(db.sql("SELECT step, duplicate_of FROM checkpoints WHERE model = ?", [p.model]).rows())
+        for row in self.report:
+            if duplicates.get(row["step"]) is not None:
+                row.update(status="duplicate", duplicate_of=duplicates[row["step"]])
+        return pl.DataFrame(self.report, schema=REPORT_SCHEMA).sort("step")
+
+    def _tokens(self, step: int) -> int | None:
+        known = self.plan.source.tokens(step, self.plan.available[step].revision)
+        return known if known is not None else (step * self.tokens_per_step if self.tokens_per_step else None)
+
+    def _write(self, rows: CheckpointRows) -> None:
+        arch = self.plan.arch
+        model = None if self.registered else ModelRow(
+            source=self.plan.source.id, architecture=arch.family, num_layers=self.plan.num_layers(),
+            num_parameters=sum(_numel(s) for s in arch.shapes.values()), tokens_per_step=self.tokens_per_step, config=arch.config)
+        self.db.write_checkpoint(rows, replace=True, model=model, tables=self.tables)
+        self.registered = True
+
+    def _store(self, result: StepResult) -> None:
+        p = self.plan
+        if result.architecture is not None:
+            p.accept(result.architecture)
+        for step, revision, why in result.missing:
+            if step not in self.seen_missing:
+                self.seen_missing.add(step)
+                self.all_steps.remove(step)
+                if step not in self.stored_ok:
+                    self.unrecorded[step] = (revision, why)
+        for step in sorted(self.unrecorded) if p.arch is not None else ():
+            revision, why = self.unrecorded.pop(step)
+            self._write(CheckpointRows(model=p.model, step=step, tokens=self._tokens(step), revision=revision, source=p.source.id,
+                                       content_hash=None, tensors=tensor_rows(None, p.arch.family), runs=[], status="missing",
+                                       anomaly=("missing_revision", why)))
+            self.report.append({"step": step, "status": "missing", "duplicate_of": None, "tensors": 0, "seconds": 0.0})
+        if result.content_hash is not None:
+            self._write(CheckpointRows(model=p.model, step=result.step, tokens=self._tokens(result.step), revision=result.revision,
+                                       source=result.source, content_hash=result.content_hash, tensors=result.tensors,
+                                       runs=result.runs))
+            self.report.append({"step": result.step, "status": "ok", "duplicate_of": None, "tensors": result.n_tensors,
+                                "seconds": result.seconds})
+
+    def _refresh_final(self, ckpts: Checkpoints, bar: Progress) -> None:
+        """Recompute the `final_metrics` rows of steps whose stored final reference is no longer the last step."""
+        final = self.all_steps[-1]
+        for analyzer in (a for a in self.analyzers if a.final_metrics):
+            runs = self.db.runs_of(self.plan.model, analyzer.name)
+            stale = [s for s in sorted(runs) if runs[s][1].get("final_step") != final and s in self.plan.available]
+            if not stale:
+                continue
+            task = bar.add_task(f"re-basing {len(stale)} steps of {analyzer.name} on final step {final}", total=len(stale))
+            for step in stale:
+                ckpts.keep_only({self.all_steps[0], step, final})
+                ckpt = ckpts.get(step)
+                self.plan.adopt(ckpt)  # a re-basing-only run opens nothing else first
+                ctx = AnalysisContext(checkpoint=ckpt, family=self.plan.arch.family, config=self.plan.arch.config,
+                                      references={"final": ckpts.get(final) if step != final else None})
+                self.db.replace_metrics(self.plan.model, step, analyzer.name, list(analyzer.final_metrics),
+                                        analyzer.refresh_final(ctx), {**runs[step][1], "final_step": final})
+                bar.advance(task)
+
+
+def _failed(failures: dict[int, BaseException], not_started: int) -> StepsFailed:
+    """One line naming the failed steps and why; the other steps are in the store."""
+    n = len(failures)
+    listed = "; ".join(f"step {step}: {describe(exc)}" for step, exc in sorted(failures.items())[:MAX_LISTED])
+    more = f"; {n - MAX_LISTED} more" if n > MAX_LISTED else ""
+    stopped = f"; {not_started} step{'s' * (not_started > 1)} not started after that" if not_started else ""
+    return StepsFailed(f"{n} step{'s' * (n > 1)} failed and {'were' if n > 1 else 'was'} not written ({listed}{more}){stopped}; "
+                       "the steps that completed are saved: run the same command again to resume")
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+

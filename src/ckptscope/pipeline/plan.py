@@ -1,0 +1,170 @@
+"""What an ingest will do, decided before anything is written.
+
+`plan()` resolves the steps and validates every selected local checkpoint; `reconcile()` checks
+the plan against what the store holds: shapes, steps already done, and the parameters earlier
+runs used. A rerun whose parameters differ from the stored ones is an error that names them
+(never a silent "nothing to do"), unless `force` asks to recompute.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+from ckptscope.analyzers.contract import Analyzer
+from ckptscope.errors import CkptscopeError, SourceError
+from ckptscope.pipeline.tasks import Architecture
+from ckptscope.sources.checkpoint import Checkpoint
+from ckptscope.sources.layers import classify
+from ckptscope.sources.local import CheckpointRef, Source
+from ckptscope.sources.steps import nearest, select_steps
+from ckptscope.store.db import Store
+
+MAX_LISTED = 5  # steps named in an error; the rest are counted
+
+
+@dataclass
+class Plan:
+    """The model, its source, the steps to analyze and the references they need."""
+
+    model: str
+    source: Source
+    available: dict[int, CheckpointRef]  # every step the source holds
+    todo: list[int]  # selected steps still to analyze, ascending
+    pinned: list[int] = field(default_factory=list)  # numbered reference steps analyzers declared
+    arch: Architecture | None = None  # of the first checkpoint; remote sources fill it on first open
+    stored_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    stale_final: bool = False  # stored final_* rows point at an older final step
+    retokenize: int | None = None  # --force with a new --tokens-per-step: rewrite the stored tokens
+
+    def adopt(self, ckpt: Checkpoint) -> None:
+        """Check a checkpoint against the run's architecture (taking it as the run's, if first)."""
+        self.accept(Architecture.of(ckpt))
+
+    def accept(self, arch: Architecture) -> None:
+        """`adopt` for an architecture read elsewhere (by a worker)."""
+        if self.arch is None:
+            _check_against_store(self, arch.shapes)
+            self.arch = arch
+        else:
+            self.arch.check(arch)
+
+    def num_layers(self) -> int | None:
+        config, shapes, fam = self.arch.config, self.arch.shapes, self.arch.family
+        for key in ("num_hidden_layers", "n_layer", "num_layers"):
+            if config and isinstance(config.get(key), int):
+                return config[key]
+        layers = [r.layer for r in (classify(n, fam) for n in shapes) if r.layer is not None]
+        return max(layers) + 1 if layers else None
+
+
+def roles(analyzers: list[Analyzer]) -> set[str | int]:
+    return {r for a in analyzers for r in a.references(a.options)}
+
+
+def plan(src: Source, *, name: str | None, steps: str | None, max_steps: int | None, analyzers: list[Analyzer]) -> Plan:
+    """Resolve the steps; validate every selected local checkpoint up front (reads no store).
+
+    Remote checkpoints are validated as they arrive: checking them first would mean
+    downloading the whole sweep before analyzing any of it.
+    """
+    available = {ref.step: ref for ref in src.refs()}
+    explicit = getattr(src, "explicit", None)
+    selected = select_steps(None if explicit else steps, list(available), max_steps=max_steps)
+    wanted = roles(analyzers)
+    # Steps measured against the first or final checkpoint need those in the store too.
+    selected = sorted({*selected, *([min(available)] if "first" in wanted else []), *([max(available)] if "final" in wanted else [])})
+    pinned = sorted(r for r in wanted if isinstance(r, int))
+    for step in pinned:
+        if step not in available:
+            raise SourceError(f"--reference-step {step} is not in the source; nearest available: "
+                              f"{', '.join(map(str, nearest(step, list(available))))}")
+    result = Plan(name or src.default_name, src, available, list(selected), pinned)
+    if src.kind == "local":
+        for step in sorted({*selected, *pinned}):
+            result.adopt(src.open(available[step]))
+    return result
+
+
+def _check_against_store(plan: Plan, shapes: dict[str, tuple[int, ...]]) -> None:
+    for name, shape in shapes.items():
+        if plan.stored_shapes.get(name, shape) != shape:
+            raise SourceError(
+                f"tensor {name} has shape {list(shape)} but model {plan.model!r} in the store has {list(plan.stored_shapes[name])}; "
+                "ingest this run under another --name"
+            )
+
+
+def reconcile(plan: Plan, store: Store, analyzers: list[Analyzer], *, force: bool, tokens_per_step: int | None) -> None:
+    """Check the plan against what the store already holds and drop steps already done."""
+    stored = store.sql("SELECT tensor, shape FROM tensors WHERE model = ? AND step = (SELECT min(step) FROM tensors WHERE model = ?)",
+                       [plan.model, plan.model])
+    plan.stored_shapes = {row["tensor"]: tuple(row["shape"]) for row in stored.iter_rows(named=True)}
+    if plan.arch is not None:
+        _check_against_store(plan, plan.arch.shapes)
+    _check_tokens(plan, store, tokens_per_step, force=force)
+    for a in analyzers:
+        _check_parameters(plan, store, a, force=force)
+    if not force:
+        done = set.intersection(*(store.steps_done(plan.model, a.name) for a in analyzers))
+        plan.todo = [s for s in plan.todo if s not in done]
+    stored_ok = set(store.sql("SELECT step FROM checkpoints WHERE model = ? AND status = 'ok'", [plan.model])["step"].to_list())
+    every = stored_ok | set(plan.todo)
+    wanted = roles(analyzers)
+    if every:
+        for role, step in (("first", min(every)), ("final", max(every))):
+            if role in wanted and step not in plan.available:
+                raise SourceError(
+                    f"step {step}, the {role} step of model {plan.model!r} in the store, is no longer in the source; "
+                    "deltas and distances are taken against it: restore it, or ingest into another --name"
+                )
+    if stored_ok:  # an interrupted re-basing is finished by the next run
+        final = max(every)
+        plan.stale_final = any(p.get("final_step") != final
+                               for a in analyzers if a.final_metrics
+                               for s, (_, p) in store.runs_of(plan.model, a.name).items() if s in stored_ok)
+
+
+def _check_tokens(plan: Plan, store: Store, tokens_per_step: int | None, *, force: bool) -> None:
+    prior = store.model(plan.model)
+    if tokens_per_step is None or prior is None or prior["tokens_per_step"] in (None, tokens_per_step):
+        return
+    if not force:
+        raise CkptscopeError(f"model {plan.model!r} was ingested with --tokens-per-step {prior['tokens_per_step']}, "
+                             f"this run gives {tokens_per_step}: add --force to rewrite the tokens of every stored step, "
+                             "or leave the option out")
+    plan.retokenize = tokens_per_step
+
+
+def _check_parameters(plan: Plan, store: Store, analyzer: Analyzer, *, force: bool) -> None:
+    """Steps whose stored run used other options (or another analyzer version) than this run's."""
+    ours = analyzer.options.identity()
+    differing: dict[int, str] = {}
+    for step, (version, params) in store.runs_of(plan.model, analyzer.name).items():
+        if version != analyzer.version:
+            differing[step] = f"version {version} (this is {analyzer.version})"
+            continue
+        for key, value in ours.items():
+            if key in params and _canonical(params[key]) != _canonical(value):
+                differing[step] = f"{key}={json.dumps(params[key])} (this run: {json.dumps(value)})"
+                break
+    if not differing:
+        return
+    steps = sorted(differing)
+    listed = ", ".join(map(str, steps[:MAX_LISTED])) + (f" and {len(steps) - MAX_LISTED} more" if len(steps) > MAX_LISTED else "")
+    why = differing[steps[0]]
+    if not force:
+        raise CkptscopeError(f"analyzer {analyzer.name}: step{'s' * (len(steps) > 1)} {listed} of model {plan.model!r} "
+                             f"{'were' if len(steps) > 1 else 'was'} computed with {why}; add --force to recompute "
+                             "them with this run's options, or ingest into another --name to keep both")
+    left = [s for s in steps if s not in plan.todo]
+    if left:
+        raise CkptscopeError(f"analyzer {analyzer.name}: --force recomputes only the selected steps, but steps "
+                             f"{', '.join(map(str, left[:MAX_LISTED]))} were computed with {why} too; select them as well "
+                             "(e.g. --steps all) so the model's rows share one set of options")
+
+
+def _canonical(value: object) -> object:
+    """Numbers compare by value (1e-3 == 0.001), whatever JSON made of them."""
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else value
+

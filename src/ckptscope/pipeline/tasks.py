@@ -1,0 +1,275 @@
+"""The unit of work every executor runs: `StepWorker.run(StepTask) -> StepResult`.
+
+A task opens one step and the reference checkpoints its analyzers declare (first, previous,
+final, or numbered steps), checks that they share one architecture and runs the analyzers.
+The reference-picking rules live here once, so results are identical whichever executor ran
+the step. A worker keeps its opened source, analyzers and reference checkpoints between steps,
+so the first and final checkpoints are opened (or downloaded) once per process, not per step.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from ckptscope.analyzers.contract import ROLES, AnalysisContext, Analyzer, Progress
+from ckptscope.analyzers.registry import build
+from ckptscope.errors import MissingRevision, SourceError
+from ckptscope.options import Options
+from ckptscope.rows import RunRows
+from ckptscope.sources.checkpoint import Checkpoint
+from ckptscope.sources.layers import classify, family, is_buffer
+from ckptscope.sources.local import CheckpointRef, Source
+from ckptscope.sources.spec import SourceSpec
+
+
+class ArchitectureMismatch(SourceError):
+    """Checkpoints of one model with different tensor shapes: the run stops, whichever worker found it."""
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """A model's tensor shapes and config, as read from one of its checkpoints (`step`)."""
+
+    step: int
+    shapes: dict[str, tuple[int, ...]]
+    config: dict | None
+    family: str
+
+    @classmethod
+    def of(cls, ckpt: Checkpoint) -> Architecture:
+        shapes = {name: info.shape for name, info in ckpt.tensors.items() if not is_buffer(name)}
+        if not shapes:
+            raise SourceError(f"{ckpt.path}: the checkpoint holds no tensors; re-save it")
+        return cls(ckpt.step, shapes, ckpt.config, family(ckpt.config))
+
+    def check(self, other: Architecture) -> None:
+        """Raise ArchitectureMismatch when `other` has a tensor of another shape."""
+        for name, shape in other.shapes.items():
+            if self.shapes.get(name, shape) != shape:
+                raise ArchitectureMismatch(
+                    f"step {other.step}: tensor {name} has shape {list(shape)}, other steps have {list(self.shapes[name])}; "
+                    "a model's checkpoints must share one architecture (ingest it under another --name)")
+
+
+class Checkpoints:
+    """Checkpoints opened through the source: the ones still needed stay, the rest are released.
+
+    Holding only the current step and its references (plus a prefetched next) bounds memory
+    and, for hub sources, disk, however many steps a sweep covers.
+    """
+
+    def __init__(self, source: Source, refs: dict[int, CheckpointRef]) -> None:
+        self.source, self.refs, self.open = source, refs, {}
+
+    def get(self, step: int | None) -> Checkpoint | None:
+        if step is None:
+            return None
+        if step not in self.open:
+            self.open[step] = self.source.open(self.refs[step])
+        return self.open[step]
+
+    def keep_only(self, steps: set[int]) -> None:
+        for step in [s for s in self.open if s not in steps]:
+            del self.open[step]
+            self.source.release(self.refs[step])
+
+
+@dataclass(frozen=True)
+class AnalyzerSpec:
+    """The chosen analyzers by name with their built options: all a worker needs to build the same ones."""
+
+    chosen: tuple[tuple[str, Options], ...]
+
+    @classmethod
+    def of(cls, analyzers: list[Analyzer]) -> AnalyzerSpec:
+        return cls(tuple((a.name, a.options) for a in analyzers))
+
+    def build(self) -> list[Analyzer]:
+        return [build(name, options) for name, options in self.chosen]
+
+
+@dataclass(frozen=True)
+class StepTask:
+    """One step to analyze, described completely enough for any process to do it.
+
+    `candidates` are the references the driver knows of (the steps stored or being ingested that
+    the source holds), ascending, the step among them; first, previous and final are picked from
+    them by the rules in `StepWorker.run`. `pinned` are the numbered reference steps analyzers
+    declared. `architecture` is the model's, once the driver knows it.
+    """
+
+    source: SourceSpec
+    analyzers: AnalyzerSpec
+    step: int
+    candidates: tuple[CheckpointRef, ...]
+    architecture: Architecture | None
+    pinned: tuple[CheckpointRef, ...] = ()
+    device: str = "cpu"
+    threads: int | None = None  # torch threads of the worker process; None leaves them
+    prefetch: CheckpointRef | None = None  # the step this process analyzes next (in-process runs)
+
+
+@dataclass
+class StepResult:
+    """What a worker sends back for one step; `content_hash` is None when the step has no weights."""
+
+    step: int
+    revision: str | None = None
+    source: str | None = None  # the label stored in `checkpoints.source`
+    content_hash: str | None = None
+    tensors: dict[str, list] = field(default_factory=dict)
+    runs: list[RunRows] = field(default_factory=list)
+    missing: list[tuple[int, str, str]] = field(default_factory=list)  # (step, revision, why) of revisions without weights
+    architecture: Architecture | None = None  # read by the worker when the task carried none
+    n_tensors: int = 0
+    seconds: float = 0.0
+
+
+class Reporter(Protocol):
+    """Progress of the analyzers on a step, for the driver's bars (in-process runs only)."""
+
+    def start(self, step: int, analyzer: str, unit: str, total: int) -> None: ...
+
+    def advance(self, n: int) -> None: ...
+
+
+class StepWorker:
+    """The per-step work, with what a process keeps between steps: the source, the analyzers, the
+    open checkpoints (references stay open across steps) and the revisions found missing."""
+
+    def __init__(self, source: Source, analyzers: list[Analyzer]) -> None:
+        self.source, self.analyzers = source, analyzers
+        self.ckpts = Checkpoints(source, {})
+        self.missing: dict[int, tuple[str, str]] = {}  # step -> (revision, why)
+        declared = {r for a in analyzers for r in a.references(a.options)}
+        self.roles = {r for r in declared if r in ROLES}
+
+    def run(self, task: StepTask, reporter: Reporter | None = None) -> StepResult:
+        """Analyze `task.step` against first = the first openable candidate before it, previous =
+        the nearest openable one before it, final = the last openable one after it, and the
+        pinned steps; only the references some analyzer declared are opened.
+
+        A candidate without weights (MissingRevision) is skipped and reported, never fatal.
+        """
+        started = time.perf_counter()
+        self.ckpts.refs.update((ref.step, ref) for ref in (*task.candidates, *task.pinned))
+        steps = [ref.step for ref in task.candidates if ref.step not in self.missing]
+        arch, result = task.architecture, StepResult(task.step)
+
+        def pick(candidates: list[int]) -> Checkpoint | None:
+            nonlocal arch
+            for step in candidates:
+                try:
+                    ckpt = self.ckpts.get(step)
+                except MissingRevision as exc:
+                    self.missing[step] = (self.ckpts.refs[step].revision, str(exc))
+                    steps.remove(step)
+                    continue
+                found = Architecture.of(ckpt)
+                if arch is None:
+                    arch = result.architecture = found
+                else:
+                    arch.check(found)
+                return ckpt
+            return None
+
+        try:
+            if task.step not in steps:  # found missing by an earlier task of this process
+                return result
+            idx = steps.index(task.step)
+            wanted = {task.step, *(ref.step for ref in task.pinned)}
+            wanted |= {steps[0]} if "first" in self.roles else set()
+            wanted |= {steps[idx - 1] if idx else task.step} if "previous" in self.roles else set()
+            wanted |= {steps[-1]} if "final" in self.roles else set()
+            self.ckpts.keep_only(wanted)
+            if task.prefetch is not None:
+                self.source.prefetch(task.prefetch)
+            refs: dict[str | int, Checkpoint | None] = {}
+            if "first" in self.roles:
+                refs["first"] = pick(steps[:idx])
+            ckpt = pick([task.step])
+            if ckpt is None:
+                return result
+            idx = steps.index(task.step)
+            if "previous" in self.roles:
+                refs["previous"] = pick(steps[idx - 1 :: -1] if idx else [])
+            if "final" in self.roles:
+                refs["final"] = pick(steps[: idx : -1])
+            for ref in task.pinned:
+                refs[ref.step] = None if ref.step == task.step else pick([ref.step])
+                if ref.step != task.step and refs[ref.step] is None:
+                    raise SourceError(f"reference step {ref.step} has no weights in the source; choose another --reference-step")
+            result.revision, result.content_hash = ckpt.revision, ckpt.content_hash()
+            result.source = str(ckpt.path) if self.source.kind == "local" else self.source.id
+            result.tensors = tensor_rows(ckpt, arch.family)
+            result.n_tensors = len(result.tensors["tensor"])
+            shared: dict = {}
+            for a in self.analyzers:
+                progress = Progress() if reporter is None else Progress(
+                    lambda total, a=a: reporter.start(task.step, a.name, a.unit, total), reporter.advance)
+                keys = a.references(a.options)
+                ctx = AnalysisContext(checkpoint=ckpt, family=arch.family, config=arch.config, device=task.device,
+                                      references={k: refs.get(k) for k in keys}, progress=progress, shared=shared)
+                result.runs.append(a.analyze(ctx))
+            result.seconds = round(time.perf_counter() - started, 3)
+            return result
+        finally:  # every revision found without weights goes back, so the driver records it once
+            result.missing = [(s, *self.missing[s]) for s in (ref.step for ref in task.candidates) if s in self.missing]
+
+    def release(self) -> None:
+        """Release every open checkpoint (hub downloads are evicted unless kept)."""
+        self.ckpts.keep_only(set())
+
+
+def tensor_rows(ckpt: Checkpoint | None, fam: str) -> dict[str, list]:
+    """The `tensors` rows of a checkpoint (none for a missing one); buffers are skipped."""
+    cols: dict[str, list] = {k: [] for k in ("tensor", "layer", "component", "shape", "dtype")}
+    for name, info in (ckpt.tensors.items() if ckpt is not None else ()):
+        if is_buffer(name):
+            continue
+        role = classify(name, fam)
+        for key, value in zip(cols, (name, role.layer, role.component, list(info.shape), info.dtype)):
+            cols[key].append(value)
+    return cols
+
+
+# -- worker processes -----------------------------------------------------------------------
+
+_worker: tuple[tuple[SourceSpec, AnalyzerSpec], StepWorker, object] | None = None
+
+
+def run_step(task: StepTask) -> StepResult:
+    """One step in a pool or cluster worker process, rows returned as Arrow.
+
+    The process keeps its `StepWorker` for the next task of the same source and analyzers.
+    """
+    import torch
+
+    global _worker
+    key = (task.source, task.analyzers)
+    if _worker is None or _worker[0] != key:
+        close_worker()
+        src, private = task.source.for_worker()
+        _worker = (key, StepWorker(src, task.analyzers.build()), private)
+    if task.threads is not None and torch.get_num_threads() != task.threads:
+        torch.set_num_threads(task.threads)
+    result = _worker[1].run(task)
+    result.runs = [run.to_arrow() for run in result.runs]
+    return result
+
+
+def close_worker() -> None:
+    """Release what this process holds for its last run: checkpoints, the source, a private cache."""
+    global _worker
+    if _worker is None:
+        return
+    _, worker, private = _worker
+    _worker = None
+    worker.release()
+    worker.source.close()
+    if private is not None:
+        shutil.rmtree(private, ignore_errors=True)
+

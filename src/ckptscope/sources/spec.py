@@ -1,0 +1,63 @@
+"""`SourceSpec`: the one way to open a source, declared once for the CLI, the API and workers.
+
+A spec is plain data (picklable), so a worker process opens the driver's source by calling
+`spec.open()` with nothing else shared.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from ckptscope.options import Options, at_least, option
+from ckptscope.sources.local import LocalSource, Source, parse_explicit_steps
+
+
+@dataclass(frozen=True)
+class SourceSpec(Options):
+    """Where checkpoints come from and which of them to take."""
+
+    owner = "ingest"
+    source: str = option(help="A local run directory, a catalog suite (pythia-160m) or a hub repo (EleutherAI/pythia-160m).")
+    name: str | None = option(None, help="Model name in the store [default: SOURCE's directory or repo name].")
+    steps: str | None = option(None, help="Steps: all, first, last, log, 0,1000,5000, 0:143000:1000, or STEP=PATH pairs.")
+    max_steps: int | None = option(None, help="At most N steps, spread evenly in log-step.", flag="--max", check=at_least(1))
+    tokens_per_step: int | None = option(None, help="Tokens seen per optimizer step, to fill `tokens`.", check=at_least(1))
+    revision_pattern: str | None = option(None, help="Hub: regex with a (?P<step>...) group mapping revision names to steps.")
+    keep: bool = option(False, help="Hub: keep downloaded checkpoints in the HF cache instead of evicting them.")
+    cache_dir: Path | None = option(None, help="Hub: download cache [default: the HF cache].")
+
+    def is_local(self) -> bool:
+        """SOURCE is local when it exists, starts with `/`, `.` or `~`, has more than one `/`, or
+        `steps` names directories; anything else is looked up in the catalog / on the hub."""
+        text = self.source
+        return (parse_explicit_steps(self.steps) is not None or Path(text).expanduser().exists()
+                or text.startswith(("/", ".", "~")) or text.count("/") > 1)
+
+    def open(self) -> Source:
+        """The source (hub sources load huggingface_hub only when opened)."""
+        if self.is_local():
+            return LocalSource(self.source, parse_explicit_steps(self.steps))
+        from ckptscope.sources.hub import HubSource
+
+        return HubSource(self.source, revision_pattern=self.revision_pattern, keep=self.keep, cache_dir=self.cache_dir)
+
+    def for_worker(self) -> tuple[Source, Path | None]:
+        """The source opened in a worker process, and the private download cache made for it (None if shared).
+
+        Processes sharing one HF cache would evict each other's files mid-read, so without
+        `keep` each worker downloads into a directory of its own, deleted when it exits.
+        """
+        src = self.open()
+        if src.kind != "hub" or self.keep:
+            return src, None
+        base = Path(src.cache_dir)
+        src.close()
+        base.mkdir(parents=True, exist_ok=True)
+        private = Path(tempfile.mkdtemp(prefix="ckptscope-worker-", dir=base))
+        return replace(self, cache_dir=private).open(), private
+
+    def resolved(self, src: Source) -> SourceSpec:
+        """The spec a worker needs in any working directory: a local source by its absolute path."""
+        return replace(self, source=src.id) if src.kind == "local" else self

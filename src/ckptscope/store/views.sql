@@ -1,0 +1,33 @@
+-- Views over the core tables, re-created whenever a migration runs (they follow the columns).
+
+CREATE OR REPLACE VIEW metrics AS
+SELECT v.model, v.step, c.tokens, v.layer, v.component, v.tensor, v.metric, v.value,
+       r.analyzer, r.version AS analyzer_version, v.tier, v.head, v.run_id
+FROM metric_values v
+JOIN runs r USING (run_id)
+LEFT JOIN checkpoints c ON c.model = v.model AND c.step = v.step;
+
+-- Metrics with layers at relative depth and steps as training progress, for comparing
+-- models of different depth and length on one axis.
+CREATE OR REPLACE VIEW layer_metrics AS
+SELECT m.*, m.layer::DOUBLE / NULLIF(md.num_layers, 0) AS relative_depth,
+       m.step::DOUBLE / NULLIF(last.last_step, 0) AS progress
+FROM metrics m
+JOIN models md USING (model)
+JOIN (SELECT model, max(step) AS last_step FROM checkpoints WHERE status = 'ok' GROUP BY model) last USING (model);
+
+-- First step from which CKA to the final checkpoint stays at or above `threshold` for good.
+CREATE OR REPLACE MACRO stabilization_at(threshold) AS TABLE
+SELECT model, layer, component, min(step) AS stabilization_step,
+       min(step)::DOUBLE / any_value(last_step) AS stabilization_fraction
+FROM (
+    SELECT m.model, m.layer, m.component, m.step, l.last_step,
+           min(m.value) OVER (PARTITION BY m.model, m.layer, m.component ORDER BY m.step DESC) AS worst_after
+    FROM metrics m
+    JOIN (SELECT model, max(step) AS last_step FROM checkpoints WHERE status = 'ok' GROUP BY model) l USING (model)
+    WHERE m.metric = 'cka_final'
+)
+WHERE worst_after >= threshold
+GROUP BY model, layer, component;
+
+CREATE OR REPLACE VIEW stabilization AS SELECT * FROM stabilization_at(0.9);
