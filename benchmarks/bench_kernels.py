@@ -1,6 +1,6 @@
 """The single-core kernels under the exact tier, and the alternatives measured against them.
 
-Why: README explains the exact tier's speed (and the full-step target it misses) by these
+Why: docs/benchmarks.md explains the exact tier's speed (and the full-step target it misses) by these
 figures: a float64 eigensolve per matrix, which no other eigensolver here beats; Gram products of
 which only the lower triangle is computed; float64 chunks small enough (16 MB) to come from the
 heap rather than a fresh mmap, whose page faults cost more than the fp16 -> float64 conversion.

@@ -23,6 +23,7 @@ from ckptscope.rows import CheckpointRows, ModelRow, RunRows, Table, column
 from ckptscope.store import migrations
 
 DEFAULT_STORE = "ckptscope.duckdb"
+STORAGE_COMPATIBILITY = "v1.1.0"  # oldest DuckDB that must open a new store; see docs/store.md
 READ_STATEMENTS = {"SELECT", "EXPLAIN"}
 CORE_RUN_TABLES = ("metric_values", "spectra", "anomalies", "runs")  # rows owned by a run, besides analyzer tables
 
@@ -52,7 +53,10 @@ class Store:
             raise StoreError(f"store {self.path} is a directory; pass a file path with --store")
         try:
             # Read-only means no side effects at all: no extension downloads triggered by a SELECT.
-            config = {"autoinstall_known_extensions": False, "autoload_known_extensions": False} if read_only else {}
+            # A new file is written in a storage format DuckDB >= 1.1 reads (CLI, R, DBeaver), not
+            # the newest one, which only the newest DuckDB opens. An existing file keeps its format.
+            config = ({"autoinstall_known_extensions": False, "autoload_known_extensions": False} if read_only
+                      else {"storage_compatibility_version": STORAGE_COMPATIBILITY})
             self.con = duckdb.connect(str(self.path), read_only=read_only, config=config)
         except duckdb.IOException as exc:
             msg = _one_line(exc)
