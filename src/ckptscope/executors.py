@@ -123,7 +123,7 @@ class SourceSpec:
 
         args = {"steps": self.steps, "revision_pattern": self.revision_pattern, "keep": self.keep, "cache_dir": self.cache_dir}
         src = open_source(self.source, **args)
-        if src.kind != "hub" or self.keep:
+        if src.kind != "hub" or src.keep:  # a hub source keeps when asked to, and always offline
             return src, None
         base = Path(src.cache_dir)
         src.close()

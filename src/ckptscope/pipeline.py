@@ -98,7 +98,8 @@ def plan_ingest(src: Source, *, name: str | None, steps: str | None, max_steps: 
     """
     available = {ref.step: ref for ref in src.refs()}
     explicit = getattr(src, "explicit", None)
-    selected = select_steps(None if explicit else steps, list(available), max_steps=max_steps)
+    select = getattr(src, "select", select_steps)  # a hub source offline selects among what it knows exists
+    selected = select(None if explicit else steps, list(available), max_steps=max_steps)
     if any(getattr(a, "uses_references", True) for a in analyzers):
         # Deltas and convergence are taken against the first and last checkpoints.
         selected = sorted({*selected, min(available), max(available)})
