@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import ckptscope
 from ckptscope.errors import SourceError
@@ -67,6 +68,9 @@ def cache(tmp_path_factory):
         hub.add_repo("someorg/run", {f"checkpoint-{s}": checkpoint_files(weights[s], config) for s in (1, 2)})
         ckptscope.ingest("pythia-14m", store=root / "online.duckdb", steps=ONLINE, keep=True, cache_dir=cache)
         ckptscope.ingest("someorg/run", store=root / "run.duckdb", keep=True, cache_dir=cache)
+        for k in (0, 20):  # MultiBERTs-style: one repo per step, the checkpoint on main
+            hub.add_repo(f"google/multiberts-seed_0-step_{k}k", {"main": checkpoint_files(weights[k // 10], config, fmt="bin")})
+        ckptscope.ingest("multiberts-seed_0", store=root / "mb.duckdb", keep=True, cache_dir=cache)
         env = {**os.environ, "HF_ENDPOINT": hub.endpoint, "HF_HUB_DISABLE_TELEMETRY": "1"}
         env.pop("HF_HUB_OFFLINE", None)
         hf = [sys.executable, "-c", "from huggingface_hub.cli.hf import main; main()"]
@@ -223,3 +227,16 @@ def test_incomplete_snapshot_counts_as_not_cached(cache, offline, tmp_path, capl
     assert [r.getMessage() for r in caplog.records if "HF_HUB_OFFLINE" in r.getMessage()] == [
         f"HF_HUB_OFFLINE: 1 selected step(s) of {REPO} are not in the HF cache at {copy}, skipped: 8; "
         f"download them where there is internet, e.g. `hf download {REPO} --revision step8`"]
+
+
+def test_one_repo_per_step_offline(cache, offline):
+    """Each cached repo of the grid is one checkpoint; the weights are those of the step's own repo."""
+    from ckptscope.sources.hub import HubSource
+
+    _, cache_dir, _, weights, _ = cache
+    src = HubSource("multiberts-seed_0", cache_dir=cache_dir)
+    refs = src.refs()
+    assert [(r.step, r.revision) for r in refs] == [(0, "google/multiberts-seed_0-step_0k@main"),
+                                                    (20000, "google/multiberts-seed_0-step_20k@main")]
+    name = "gpt_neox.layers.0.attention.dense.weight"
+    assert torch.equal(src.open(refs[1]).read(name), weights[2][name].half())

@@ -220,8 +220,8 @@ class HubSource:
 
         Offline, `available` is what the cache holds, but SPEC is resolved against every step
         known to exist (the published grid, the cached steps and the numbers SPEC names), as
-        online; the selected steps that are not cached are named in one warning, and their
-        files are checked whole now, before anything is written. None cached is an error.
+        online; the selected steps that are not cached are named in one warning, and the files
+        of those that are get checked whole now, before anything is written. None cached is an error.
         """
         if not self.offline:
             return select_steps(spec, available, max_steps=max_steps)
