@@ -70,7 +70,8 @@ def plan(src: Source, *, name: str | None, steps: str | None, max_steps: int | N
     """
     available = {ref.step: ref for ref in src.refs()}
     explicit = getattr(src, "explicit", None)
-    selected = select_steps(None if explicit else steps, list(available), max_steps=max_steps)
+    select = getattr(src, "select", select_steps)  # a hub source offline selects among what it knows exists
+    selected = select(None if explicit else steps, list(available), max_steps=max_steps)
     wanted = roles(analyzers)
     # Steps measured against the first or final checkpoint need those in the store too.
     selected = sorted({*selected, *([min(available)] if "first" in wanted else []), *([max(available)] if "final" in wanted else [])})

@@ -48,6 +48,7 @@ class Suite:
     revision_pattern: str | None = None  # None: the generic default rule (module docstring)
     tokens_per_step: int | None = None
     steps: tuple[int, ...] | None = None  # the grid the authors published, when known
+    revision_template: str | None = None  # step N's revision is template.format(N), when the naming is that plain
     prefer: tuple[str, ...] = PREFERRED_FORMATS
     notes: str = ""
 
@@ -103,6 +104,13 @@ class Suite:
             return None
         return int(match.group("step") if "step" in match.re.groupindex else match.group(1))
 
+    def download_command(self, step: int) -> str:
+        """The `hf download` command that puts `step` in the HF cache, for messages offline."""
+        if self.repo_template is not None:
+            return f"hf download {self.repo_for(step)}"
+        revision = self.revision_template.format(step) if self.revision_template else f"<revision of step {step}>"
+        return f"hf download {self.repo} --revision {revision}"
+
     def tokens(self, step: int, revision: str) -> int | None:
         """Tokens seen at `step`: from the revision name when it says so, else from tokens per step."""
         if self._pattern is not None and "tokens" in self._pattern.groupindex:
@@ -127,7 +135,7 @@ class Suite:
         """The published step grid, compressed into runs, e.g. `0, 1, 2, 4, …, 512, then every 1000 from 1000 to 143000`."""
         if not self.steps:
             return "not published; listed at run time"
-        return f"{len(self.steps)} steps: {_compress(list(self.steps))}"
+        return f"{len(self.steps)} steps: {compress_steps(list(self.steps))}"
 
 
 def compile_revision_pattern(pattern: str) -> re.Pattern[str]:
@@ -141,8 +149,8 @@ def compile_revision_pattern(pattern: str) -> re.Pattern[str]:
     return regex
 
 
-def _compress(steps: list[int]) -> str:
-    """Runs of 4+ equally spaced steps as `every D from A to B`; everything else listed."""
+def compress_steps(steps: list[int]) -> str:
+    """Sorted steps with runs of 4+ equally spaced steps as `every D from A to B`; everything else listed."""
     parts: list[str] = []
     i = 0
     while i < len(steps):
@@ -163,7 +171,7 @@ def _compress(steps: list[int]) -> str:
 def _build() -> dict[str, Suite]:
     suites: list[Suite] = []
     pythia_grid = (0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, *range(1000, 143001, 1000))
-    pythia = dict(revision_pattern=r"step(?P<step>\d+)", tokens_per_step=2_097_152, steps=pythia_grid)
+    pythia = dict(revision_pattern=r"step(?P<step>\d+)", revision_template="step{}", tokens_per_step=2_097_152, steps=pythia_grid)
     for size in ("14m", "31m", "70m", "160m", "410m", "1b", "1.4b", "2.8b", "6.9b", "12b"):
         for suffix in ("", "-deduped"):
             suites.append(Suite(f"pythia-{size}{suffix}", "pythia", repo=f"EleutherAI/pythia-{size}{suffix}",
@@ -240,7 +248,7 @@ def resolve(name: str, *, revision_pattern: str | None = None) -> Suite:
         raise SourceError(f"unknown suite {name!r}; {suggest(name)}")
     if revision_pattern is not None:
         compile_revision_pattern(revision_pattern)
-        suite = replace(suite, revision_pattern=revision_pattern)
+        suite = replace(suite, revision_pattern=revision_pattern, revision_template=None)
     return suite
 
 

@@ -21,6 +21,17 @@ Design choices, and why:
   download in flight, still needs (Pythia's `config.json` is one blob shared by every branch).
 - The token is never read here: huggingface_hub resolves `HF_TOKEN` on each request, so it
   cannot end up in ids, errors or the store. `HF_ENDPOINT` is read when the source is made.
+- Each fetched revision's branch is recorded in the cache's `refs/` (as `hf download` does; files
+  are fetched by commit, which records none), so a kept download can be found offline.
+
+Offline (`HF_HUB_OFFLINE=1`, huggingface_hub's convention for machines without internet) the
+source never makes a request: it lists the revisions the cache's `refs/` names for the repo,
+keeps those whose weights are all in the snapshot, and checks each file is whole (a safetensors
+file against its header, a `.bin` zip against its central directory) before analyzing it.
+`--steps` selects from the same steps as online (the published grid, when the catalog knows it),
+so the same command picks the same checkpoints on either side; selected steps that are not cached
+are named in one warning. Offline implies `keep`: nothing is ever evicted, because nothing evicted
+could be downloaded again.
 """
 
 from __future__ import annotations
@@ -32,6 +43,7 @@ import os
 import shutil
 import threading
 import time
+import zipfile
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -40,21 +52,21 @@ from typing import NoReturn, TypeVar
 from urllib.parse import urlsplit
 
 import httpx2
-from huggingface_hub import HfApi, constants, get_token, hf_hub_download
+from huggingface_hub import HfApi, constants, get_token, hf_hub_download, try_to_load_from_cache
 from huggingface_hub.errors import (
     EntryNotFoundError,
     GatedRepoError,
     HfHubHTTPError,
-    OfflineModeIsEnabled,
     RepositoryNotFoundError,
     RevisionNotFoundError,
 )
 from huggingface_hub.file_download import repo_folder_name
 
 from ckptscope.errors import MissingRevision, SourceError
-from ckptscope.sources.catalog import Suite, resolve, suggest
+from ckptscope.sources.catalog import Suite, compress_steps, resolve, suggest
 from ckptscope.sources.checkpoint import BIN_INDEX, BIN_SINGLE, SAFETENSORS_INDEX, SAFETENSORS_SINGLE, Checkpoint
 from ckptscope.sources.local import CheckpointRef
+from ckptscope.sources.steps import select_steps
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -107,12 +119,15 @@ class HubSource:
         `endpoint` defaults to HF_ENDPOINT, then huggingface_hub's; `cache_dir` to the HF cache.
         A request failing with 429/5xx/timeout/connection error is tried `retries` more times,
         `backoff` seconds apart and doubling (capped at 30 s), so a dead hub fails in bounded time.
-        `min_free_bytes` must stay free on the cache filesystem after a download.
+        `min_free_bytes` must stay free on the cache filesystem after a download. Offline
+        (huggingface_hub's HF_HUB_OFFLINE, read at its import) the cache is the only source and
+        `keep` is forced on.
         """
         self.suite: Suite = resolve(name_or_repo, revision_pattern=revision_pattern)
         self.endpoint = (endpoint or os.environ.get("HF_ENDPOINT") or constants.ENDPOINT).rstrip("/")
         self.cache_dir = Path(cache_dir if cache_dir is not None else constants.HF_HUB_CACHE).expanduser()
-        self.keep = keep
+        self.offline = bool(constants.HF_HUB_OFFLINE)
+        self.keep = keep or self.offline
         self.retries = retries
         self.backoff = backoff
         self.min_free_bytes = min_free_bytes
@@ -150,6 +165,8 @@ class HubSource:
         A revision without weights is kept (`open()` raises MissingRevision for it), so the
         pipeline can record it as missing instead of silently narrowing the grid.
         """
+        if self.offline:
+            return self._cached_refs()
         if self.suite.per_step_repos:
             return self._per_step_refs()
         repo = self.suite.repo
@@ -158,23 +175,28 @@ class HubSource:
         except _NotFound:
             raise SourceError(f"hub repo {repo} not found at {self.host} (private or gated repos need HF_TOKEN); "
                               f"{suggest(repo)}") from None
-        found: dict[int, HubRef] = {}
-        names = [*listing.branches, *listing.tags]
-        for info in names:
-            step = self.suite.step_of(info.name)
-            if step is None:
-                continue
-            prior = found.get(step)
-            if prior is not None and prior.commit != info.target_commit:
-                raise SourceError(f"{repo}: revisions {prior.branch} and {info.name} both claim step {step}; "
-                                  "choose one naming with --revision-pattern REGEX")
-            if prior is None:
-                found[step] = self._ref(step, repo, info.name, info.target_commit)
+        names = {i.name: i.target_commit for i in (*listing.branches, *listing.tags)}
+        found = self._by_step(repo, names)
         if not found:
-            sample = ", ".join(sorted(i.name for i in names)[:5]) or "none"
+            sample = ", ".join(sorted(names)[:5]) or "none"
             raise SourceError(f"{repo}: no revision names a step under {self.suite.naming()} (revisions: {sample}); "
                               "pass --revision-pattern REGEX with a (?P<step>\\d+) group")
         return [found[s] for s in sorted(found)]
+
+    def _by_step(self, repo: str, names: dict[str, str]) -> dict[int, HubRef]:
+        """The revisions (name -> commit) that name a step of the suite, by step; two commits claiming one step is an error."""
+        found: dict[int, HubRef] = {}
+        for name, commit in names.items():
+            step = self.suite.step_of(name)
+            if step is None:
+                continue
+            prior = found.get(step)
+            if prior is not None and prior.commit != commit:
+                raise SourceError(f"{repo}: revisions {prior.branch} and {name} both claim step {step}; "
+                                  "choose one naming with --revision-pattern REGEX")
+            if prior is None:
+                found[step] = self._ref(step, repo, name, commit)
+        return found
 
     def _per_step_refs(self) -> list[CheckpointRef]:
         """One repo per checkpoint: probe each repo of the known grid, keep those that exist."""
@@ -193,8 +215,116 @@ class HubSource:
             raise SourceError(f"none of the {len(self.suite.steps)} repos {self.suite.repo_glob} exists at {self.host}")
         return sorted(refs, key=lambda r: r.step)
 
+    def select(self, spec: str | None, available: list[int], *, max_steps: int | None = None) -> list[int]:
+        """The steps of `available` that the step SPEC selects (`ckptscope.sources.steps`).
+
+        Offline, `available` is what the cache holds, but SPEC is resolved against every step
+        known to exist (the published grid, the cached steps and the numbers SPEC names), as
+        online; the selected steps that are not cached are named in one warning, and the files
+        of those that are get checked whole now, before anything is written. None cached is an error.
+        """
+        if not self.offline:
+            return select_steps(spec, available, max_steps=max_steps)
+        named = {int(term) for term in (spec or "").replace(" ", "").split(",") if term.isdigit()}
+        wanted = select_steps(spec, sorted({*available, *(self.suite.steps or ()), *named}), max_steps=max_steps)
+        cached = set(available)
+        have = [s for s in wanted if s in cached]
+        missing = [s for s in wanted if s not in cached]
+        where = f"the HF cache at {self.cache_dir}"
+        if not have:
+            raise SourceError(f"HF_HUB_OFFLINE is set and none of the selected steps of {self.suite.repo_glob} "
+                              f"({compress_steps(missing)}) is in {where} (cached: {compress_steps(sorted(cached))}); "
+                              f"download them where there is internet, e.g. `{self.suite.download_command(missing[0])}`, then rerun")
+        if missing:
+            log.warning("HF_HUB_OFFLINE: %d selected step(s) of %s are not in %s, skipped: %s; download them where there "
+                        "is internet, e.g. `%s`", len(missing), self.suite.repo_glob, where, compress_steps(missing),
+                        self.suite.download_command(missing[0]))
+        refs = {ref.step: ref for ref in self._cached_refs()}
+        for step in have:
+            self._cached_snapshot(refs[step])
+        return have
+
     def _ref(self, step: int, repo: str, branch: str, commit: str) -> HubRef:
         return HubRef(step, f"{repo}@{branch}", None, repo=repo, branch=branch, commit=commit)
+
+    # ---- offline: the HF cache only -------------------------------------------------------
+
+    def _cached_refs(self) -> list[CheckpointRef]:
+        """Every checkpoint whose weights the cache holds in full, sorted by step; raises when there is none.
+
+        Revision names come from the repo folder's `refs/` (what `hf download --revision` and a
+        fetch here write); huggingface_hub's `scan_cache_dir` would walk every repo in the cache.
+        """
+        if self.suite.per_step_repos:
+            found = {}
+            for step in self.suite.steps:
+                commit = self._cached_names(self.suite.repo_for(step)).get("main")
+                if commit is not None:
+                    found[step] = self._ref(step, self.suite.repo_for(step), "main", commit)
+        else:
+            found = self._by_step(self.suite.repo, self._cached_names(self.suite.repo))
+        found = {step: ref for step, ref in found.items() if self._cached_weights(ref) is not None}
+        if not found:
+            first = self.suite.steps[0] if self.suite.steps else 0
+            raise SourceError(f"HF_HUB_OFFLINE is set and the HF cache at {self.cache_dir} holds no checkpoint of "
+                              f"{self.suite.repo_glob}; download some where there is internet, e.g. "
+                              f"`{self.suite.download_command(first)}`, then rerun (or unset HF_HUB_OFFLINE)")
+        return [found[s] for s in sorted(found)]
+
+    def _cached_names(self, repo: str) -> dict[str, str]:
+        """Revision name -> commit, as the repo's cache folder records them (`refs/pr/1` is named `pr/1`)."""
+        refs = self._folder(repo) / "refs"
+        if not refs.is_dir():
+            return {}
+        return {p.relative_to(refs).as_posix(): p.read_text().strip() for p in sorted(refs.rglob("*")) if p.is_file()}
+
+    def _cached_weights(self, ref: HubRef) -> dict[str, Path] | None:
+        """The cached files `open()` would fetch for `ref` (config.json when cached, one complete weight
+        format in the suite's preference), by name; None when no format is complete in the cache."""
+        def cached(name: str) -> Path | None:
+            path = try_to_load_from_cache(ref.repo, name, cache_dir=self.cache_dir, revision=ref.commit)
+            return Path(path) if isinstance(path, str) else None
+
+        for fmt in self.suite.prefer:
+            index, single, _ = FORMATS[fmt]
+            if (index_path := cached(index)) is not None:
+                try:
+                    shards = sorted(set(json.loads(index_path.read_text())["weight_map"].values()))
+                except (ValueError, KeyError, TypeError, AttributeError):
+                    raise self._damaged(ref, index, "not a valid shard index") from None
+                files = {index: index_path, **{shard: cached(shard) for shard in shards}}
+            elif (single_path := cached(single)) is not None:
+                files = {single: single_path}
+            else:
+                continue
+            if all(files.values()):
+                config = cached("config.json")
+                return {**({"config.json": config} if config else {}), **files}
+        return None
+
+    def _cached_snapshot(self, ref: CheckpointRef) -> Path:
+        """The snapshot directory of a cached checkpoint, its files checked whole."""
+        if not isinstance(ref, HubRef) or not ref.commit:
+            repo, branch = self._locate(ref)
+            commit = self._cached_names(repo).get(branch)
+            if commit is None:
+                raise SourceError(f"HF_HUB_OFFLINE is set and {repo}@{branch} is not in the HF cache at {self.cache_dir}; "
+                                  f"download it where there is internet (`hf download {repo} --revision {branch}`), then rerun")
+            ref = self._ref(ref.step, repo, branch, commit)
+        files = self._cached_weights(ref)
+        if files is None:
+            raise SourceError(f"HF_HUB_OFFLINE is set and the HF cache at {self.cache_dir} lacks weight files of {ref.revision}; "
+                              f"download it where there is internet (`hf download {ref.repo} --revision {ref.branch}`), then rerun")
+        for name, path in files.items():
+            problem = _damage(path)
+            if problem:
+                raise self._damaged(ref, name, problem)
+        return self._folder(ref.repo) / "snapshots" / ref.commit
+
+    def _damaged(self, ref: HubRef, name: str, problem: str) -> SourceError:
+        return SourceError(f"{ref.revision}: {name} in the HF cache at {self.cache_dir} is {problem}; it cannot be fetched "
+                           f"again offline: run `hf download {ref.repo} --revision {ref.branch} --force-download` where there "
+                           "is internet, then rerun")
 
     def tokens(self, step: int, revision: str) -> int | None:
         """Tokens seen at `step`, from the revision name or the suite's tokens per step."""
@@ -204,7 +334,9 @@ class HubSource:
     # ---- opening, prefetching, releasing ---------------------------------------------------
 
     def open(self, ref: CheckpointRef) -> Checkpoint:
-        """The checkpoint's files in the HF cache, downloaded now or by an earlier `prefetch`."""
+        """The checkpoint's files in the HF cache, downloaded now or by an earlier `prefetch` (offline: already there)."""
+        if self.offline:
+            return Checkpoint(self._cached_snapshot(ref), step=ref.step, revision=ref.revision)
         with self._lock:
             future = self._fetches.get(ref.revision)
         if future is None:
@@ -228,7 +360,7 @@ class HubSource:
     def prefetch(self, ref: CheckpointRef) -> None:
         """Start downloading `ref` in the background; `open(ref)` waits for it and raises its errors."""
         with self._lock:
-            if ref.revision not in self._fetches:
+            if ref.revision not in self._fetches and not self.offline:
                 self._fetches[ref.revision] = self._pool.submit(self._fetch_in_background, ref)
 
     def _fetch_in_background(self, ref: CheckpointRef) -> Path:
@@ -315,6 +447,7 @@ class HubSource:
                 files = [single]
             for name in (["config.json"] if "config.json" in names else []) + files:
                 self._download(held, repo, label, name, sizes)
+            _record_ref(held.folder, branch, commit)
         finally:
             with self._lock:
                 held.reserved = 0
@@ -436,8 +569,6 @@ class HubSource:
     def _error(self, what: str, exc: Exception, attempts: int) -> Exception:
         status = _status(exc)
         tried = f"after {attempts} attempt{'s' * (attempts > 1)}"
-        if isinstance(exc, OfflineModeIsEnabled):
-            return SourceError(f"{what}: HF_HUB_OFFLINE is set; hub sources need the network, unset it")
         if _in_chain(exc, TRANSPORT_ERRORS):
             return SourceError(f"hub at {self.host} unreachable: {self._reason(exc)} while {what} ({tried}); rerun to resume")
         if status == 429:
@@ -481,6 +612,46 @@ def _chain(exc: BaseException) -> list[BaseException]:
 
 def _in_chain(exc: BaseException, kinds: tuple[type[BaseException], ...]) -> bool:
     return any(isinstance(e, kinds) for e in _chain(exc))
+
+
+def _record_ref(folder: Path, branch: str, commit: str) -> None:
+    """Write `refs/BRANCH` = commit in a repo's cache folder, the way huggingface_hub does on a download by branch."""
+    ref = folder / "refs" / branch
+    if not ref.is_file() or ref.read_text().strip() != commit:
+        ref.parent.mkdir(parents=True, exist_ok=True)
+        ref.write_text(commit)
+
+
+def _damage(path: Path) -> str | None:
+    """What is wrong with a cached file ("truncated (N bytes, …)"), or None when it is whole.
+
+    The cache keeps no sizes, so each file is checked against what it says of itself: a
+    safetensors header gives the end of the last tensor, a `.bin` (zip) its central directory at
+    the very end, a JSON file must parse. A legacy (pre-zip) `.bin` cannot be checked cheaply.
+    """
+    size = path.stat().st_size
+    try:
+        if path.suffix == ".safetensors":
+            with open(path, "rb") as fh:
+                head = fh.read(8)
+                if len(head) < 8:
+                    return f"truncated ({size} bytes)"
+                header_len = int.from_bytes(head, "little")
+                header = json.loads(fh.read(min(header_len, size)))
+            end = max((int(m["data_offsets"][1]) for k, m in header.items() if k != "__metadata__"), default=0)
+            need = 8 + header_len + end
+            return f"truncated ({size} bytes, its header needs {need})" if size < need else None
+        if path.suffix == ".bin":
+            with open(path, "rb") as fh:
+                is_zip = fh.read(4) == b"PK\x03\x04"
+            if is_zip:
+                zipfile.ZipFile(path).close()
+            return None
+        if path.suffix == ".json":
+            json.loads(path.read_text())
+        return None
+    except (ValueError, KeyError, TypeError, IndexError, zipfile.BadZipFile, UnicodeDecodeError):
+        return f"truncated or corrupt ({size} bytes)"
 
 
 def _discard(path: Path) -> None:

@@ -50,7 +50,7 @@ class SourceSpec(Options):
         `keep` each worker downloads into a directory of its own, deleted when it exits.
         """
         src = self.open()
-        if src.kind != "hub" or self.keep:
+        if src.kind != "hub" or src.keep:  # a hub source keeps when asked to, and always offline
             return src, None
         base = Path(src.cache_dir)
         src.close()
