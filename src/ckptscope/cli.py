@@ -9,35 +9,38 @@ from __future__ import annotations
 
 import functools
 import json
+import shlex
 import sys
 from importlib.resources import files
 from pathlib import Path
 
 import click
 import polars as pl
-from rich.console import Console
-from rich.markup import escape
-from rich.table import Table
+from rich.text import Text
 
+from ckptscope import display
 from ckptscope.errors import CkptscopeError, StoreError
-from ckptscope.store.db import Store, default_store_path
+from ckptscope.store.db import DEMO_STORE, Store, default_store_path
 
-out = Console()
-err = Console(stderr=True)
-DEMO_STORE = "ckptscope-demo.duckdb"
+out = display.console()
+err = display.console(stderr=True)
+_DEMO_STEP = "(SELECT {}(step) FROM checkpoints WHERE model = 'demo-neox')"  # first/last step of the demo model
 DEMO_QUERIES = [
     ("Steps ingested, with tokens seen",
      "SELECT step, tokens, duplicate_of FROM checkpoints WHERE model = 'demo-neox' ORDER BY step"),
     ("Stable rank of each layer's fused QKV matrix, first vs last step",
      "SELECT layer, step, round(value, 3) AS stable_rank FROM metrics WHERE model = 'demo-neox' AND metric = 'stable_rank' "
-     "AND component = 'attn.qkv' AND step IN (SELECT min(step) FROM checkpoints UNION SELECT max(step) FROM checkpoints) ORDER BY layer, step"),
-    ("Gradual rank increase: numerical rank of W_t - W_0 for layer 0's MLP input matrix",
-     "SELECT step, value AS delta_init_numerical_rank FROM metrics WHERE model = 'demo-neox' AND layer = 0 AND component = 'mlp.in' "
-     "AND metric = 'delta_init_numerical_rank' ORDER BY step"),
+     f"AND component = 'attn.qkv' AND step IN ({_DEMO_STEP.format('min')}, {_DEMO_STEP.format('max')}) ORDER BY layer, step"),
+    ("How far layer 0's MLP input matrix moved, relative to its size: since step 0 (grows, then levels off as the "
+     "learning rate decays) and since the previous saved step (peaks, then shrinks)",
+     "SELECT step, round(max(value) FILTER (metric = 'delta_init_relative'), 4) AS from_init, "
+     "round(max(value) FILTER (metric = 'delta_prev_relative'), 4) AS from_previous FROM metrics "
+     "WHERE model = 'demo-neox' AND layer = 0 AND component = 'mlp.in' GROUP BY step ORDER BY step"),
     ("Heavy-tail exponent alpha per layer and component at the final step",
-     "SELECT layer, " + ", ".join(f"round(max(value) FILTER (component = '{c}'), 2) AS \"{c}\"" for c in ("attn.qkv", "attn.o", "mlp.in", "mlp.out"))
-     + " FROM metrics WHERE model = 'demo-neox' AND metric = 'alpha' AND layer IS NOT NULL "
-     "AND step = (SELECT max(step) FROM checkpoints) GROUP BY layer ORDER BY layer"),
+     "SELECT layer, " + ", ".join(f"round(max(value) FILTER (component = '{c}'), 2) AS {c.replace('.', '_')}"
+                                  for c in ("attn.qkv", "attn.o", "mlp.in", "mlp.out"))
+     + f" FROM metrics WHERE model = 'demo-neox' AND metric = 'alpha' AND layer IS NOT NULL AND step = {_DEMO_STEP.format('max')} "
+     "GROUP BY layer ORDER BY layer"),
 ]
 
 
@@ -81,21 +84,54 @@ def _friendly(f):
         try:
             return f(*args, **kwargs)
         except CkptscopeError as exc:
-            err.print(f"[bold red]error:[/] {escape(str(exc))}", markup=True, highlight=False, soft_wrap=True)
+            err.print(Text.assemble(("error:", "bold red"), " ", str(exc)), soft_wrap=True)
             sys.exit(1)
         except KeyboardInterrupt:
-            err.print("interrupted: completed checkpoints are saved; run the same command again to resume", highlight=False)
+            err.print("interrupted: completed checkpoints are saved; run the same command again to resume")
             sys.exit(130)
     return wrapper
 
 
-def _show(df: pl.DataFrame, title: str | None = None) -> None:
-    table = Table(title=title, title_justify="left", show_lines=False)
-    for col in df.columns:
-        table.add_column(col, overflow="fold")
-    for row in df.iter_rows():
-        table.add_row(*("" if v is None else str(v) for v in row))
-    out.print(table)
+def _anomaly_summary(f):
+    """After a command that analyzes, one line counting by kind the anomalies its runs recorded
+    (NaN/Inf weights, ...), which are otherwise only seen with `ckptscope ls`.
+
+    The command's runs are those with a run_id above the store's largest before it started
+    (writers hold the store's lock, so no other process adds runs meanwhile)."""
+    @functools.wraps(f)
+    def wrapper(*args, **kwargs):
+        path = kwargs.get("store") or default_store_path()
+        before = _last_run_id(path)
+        result = f(*args, **kwargs)
+        counts = _new_anomalies(path, before)
+        if counts is not None:
+            total = sum(n for _, n in counts)
+            kinds = ", ".join(f"{n} {kind}" for kind, n in counts)
+            ls = "ckptscope ls" + (f" --store {shlex.quote(str(kwargs['store']))}" if kwargs.get("store") else "")
+            display.line(out, f"{total} anomal{'y' if total == 1 else 'ies'}: {kinds}; see `{ls}`" if total else "no anomalies found")
+        return result
+    return wrapper
+
+
+def _last_run_id(path: Path) -> int:
+    if not Path(path).is_file():
+        return 0
+    with Store(path, read_only=True) as db:
+        return db.sql("SELECT coalesce(max(run_id), 0) FROM runs").item()
+
+
+def _new_anomalies(path: Path, before: int) -> list[tuple[str, int]] | None:
+    """(kind, count) of the anomalies of runs after `before`, and of their checkpoints; None if
+    nothing ran (e.g. every step was already in the store)."""
+    if not Path(path).is_file():
+        return None
+    with Store(path, read_only=True) as db:
+        if not db.sql("SELECT count(*) FROM runs WHERE run_id > ?", [before]).item():
+            return None
+        return db.sql(
+            "SELECT kind, count(*) AS n FROM anomalies a WHERE a.run_id > ? OR (a.run_id IS NULL AND EXISTS "
+            "(SELECT 1 FROM runs r WHERE r.run_id > ? AND r.model = a.model AND r.step = a.step)) GROUP BY kind ORDER BY n DESC, kind",
+            [before, before]).rows()
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -129,6 +165,7 @@ def main() -> None:
 @click.option("--batch-size", type=int, default=16, show_default=True, help="Sequences per forward pass (activation analyzers).")
 @_executor_options
 @_friendly
+@_anomaly_summary
 def ingest(source, store, name, steps, max_steps, analyzers, force, tokens_per_step, rtol, spectrum, exact_max_side, device,
            revision_pattern, keep, cache_dir, probe, corpus, batch_size, executor, workers, threads, ray_address):
     """Analyze the checkpoints in SOURCE into the store.
@@ -143,13 +180,14 @@ def ingest(source, store, name, steps, max_steps, analyzers, force, tokens_per_s
     _summarize(report)
 
 
-def _summarize(report: pl.DataFrame) -> None:
+def _summarize(report: pl.DataFrame, verb: str = "ingested") -> None:
+    """One line: what the run wrote (`verb`: ingested or analyzed), duplicates and missing revisions."""
     if report.height:
         dup = report.filter(pl.col("duplicate_of").is_not_null())
         missing = report.filter(pl.col("status") == "missing")
         extra = f"; {dup.height} duplicate checkpoint(s) flagged" if dup.height else ""
         extra += f"; {missing.height} revision(s) without weights recorded as missing" if missing.height else ""
-        out.print(f"ingested {report.height} checkpoint(s) in {report['seconds'].sum():.1f}s{extra}")
+        display.line(out, f"{verb} {report.height} checkpoint(s) in {report['seconds'].sum():.1f}s{extra}")
     else:
         out.print("nothing to do: every selected step is already in the store (use --force to recompute)")
 
@@ -159,20 +197,29 @@ def _summarize(report: pl.DataFrame) -> None:
 @_store_option
 @click.option("--format", "fmt", type=click.Choice(["table", "csv", "json", "parquet"]), default="table", show_default=True)
 @click.option("--output", "-o", type=click.Path(path_type=Path), help="Write the result to FILE instead of stdout.")
+@click.option("--max-rows", type=click.IntRange(min=0),
+              help=f"table: rows shown, 0 for all [default: {display.DEFAULT_MAX_ROWS} on stdout, all with --output].")
 @_friendly
-def sql(query, store, fmt, output):
-    """Run a read-only SQL QUERY against the store."""
+def sql(query, store, fmt, output, max_rows):
+    """Run a read-only SQL QUERY against the store.
+
+    The table format is for reading: floats to 6 significant digits, fitted to the terminal, at
+    most 40 rows unless --max-rows says otherwise. csv, json and parquet hold every row, exactly.
+    """
     if fmt == "parquet" and output is None:
         raise CkptscopeError("--format parquet needs --output FILE")
+    if max_rows is not None and fmt != "table":
+        raise CkptscopeError(f"--max-rows applies to --format table; --format {fmt} writes every row (use LIMIT in the query)")
     if output is not None and not output.parent.is_dir():
         raise CkptscopeError(f"--output {output}: directory {output.parent} does not exist")
     with Store(store or default_store_path(), read_only=True) as db:
         df = db.sql(query)
     if fmt == "table":
-        if output:
-            output.write_text(str(df))
+        if output:  # no terminal to fit: every row (unless --max-rows), each on one line
+            with output.open("w") as fh:
+                display.show(display.console(file=fh, width=display.UNBOUNDED_WIDTH), df, max_rows=max_rows)
         else:
-            _show(df)
+            display.show(out, df, max_rows=display.DEFAULT_MAX_ROWS if max_rows is None else max_rows)
     elif fmt == "parquet":
         df.write_parquet(output)
     else:
@@ -207,9 +254,10 @@ def _analyze_options(f):
 @click.option("--probe", type=click.Path(path_type=Path), required=True, help="Sequences (JSONL, Parquet or .npy).")
 @click.option("--reference-step", default="final", show_default=True, help="Step to compare with: final, first or a number.")
 @_friendly
+@_anomaly_summary
 def convergence(model, store, steps, device, batch_size, force, probe, reference_step, **executor):
     """Linear CKA of every layer's activations to the reference step (default: final)."""
-    _summarize(run_analyze(model, "convergence", store=store, steps=steps, device=device, batch_size=batch_size, force=force,
+    _summarize(verb="analyzed", report=run_analyze(model, "convergence", store=store, steps=steps, device=device, batch_size=batch_size, force=force,
                            probe=probe, reference_step=reference_step, progress=True, **executor))
 
 
@@ -219,9 +267,10 @@ def convergence(model, store, steps, device, batch_size, force, probe, reference
 @click.option("--prompt-len", type=int, default=32, show_default=True)
 @click.option("--continuation-len", type=int, default=32, show_default=True)
 @_friendly
+@_anomaly_summary
 def memorization(model, store, steps, device, batch_size, force, corpus, prompt_len, continuation_len, **executor):
     """The Pythia memorization score of every corpus sequence at every step."""
-    _summarize(run_analyze(model, "memorization", store=store, steps=steps, device=device, batch_size=batch_size, force=force,
+    _summarize(verb="analyzed", report=run_analyze(model, "memorization", store=store, steps=steps, device=device, batch_size=batch_size, force=force,
                            corpus=corpus, prompt_len=prompt_len, continuation_len=continuation_len, progress=True, **executor))
 
 
@@ -239,29 +288,32 @@ def suites(name):
         "tokens/step": [str(s.tokens_per_step or "") for s in entries],
         **({"steps": [s.grid_text() for s in entries]} if name else {}),
     })
-    _show(table, f"{len(entries)} catalog entr{'y' if len(entries) == 1 else 'ies'}; any other org/name is discovered at run time")
+    display.show(out, table, f"{len(entries)} catalog entr{'y' if len(entries) == 1 else 'ies'}; any other org/name is discovered at run time")
 
 
 @main.command(name="ls")
 @_store_option
 @_friendly
 def ls(store):
-    """List models, steps ingested, analyzers run and anomalies."""
+    """List models, steps ingested, tokens seen, analyzers run, anomalies and where each model came from."""
     with Store(store or default_store_path(), read_only=True) as db:
         summary, anomalies = db.summary(), db.anomalies()
     if not summary.height:
-        out.print("the store holds no models yet; run `ckptscope ingest SOURCE` or `ckptscope demo`")
+        display.line(out, "the store holds no models yet; run `ckptscope ingest SOURCE` or `ckptscope demo`")
         return
-    _show(summary.select(
+    human = functools.partial(pl.Expr.map_elements, function=_human, return_dtype=pl.String)
+    display.show(out, summary.select(  # narrow enough for 80 columns; the long cells follow, one line per model
         "model", pl.col("architecture").alias("arch"), pl.col("num_layers").alias("layers"),
-        pl.col("num_parameters").map_elements(_human, return_dtype=pl.String).alias("params"),
-        "steps", pl.format("{}..{}", "first_step", "last_step").alias("range"), "analyzers", "anomalies",
-    ), "models")
+        human(pl.col("num_parameters")).alias("params"), pl.format("{}..{} ({})", "first_step", "last_step", "steps").alias("steps"),
+        human(pl.col("last_tokens")).alias("tokens"), "anomalies",
+    ), "models", whole={"model", "arch", "tokens"})
+    for model, analyzers, source in summary.select("model", "analyzers", "source").iter_rows():
+        display.line(out, f"{model}: analyzers {(analyzers or 'none').replace(',', ', ')}; source {source}")
     if anomalies.height:
-        _show(anomalies.select("model", "step", "tensor", "kind", "detail").head(50),
-              f"anomalies ({anomalies.height}{', first 50 shown' if anomalies.height > 50 else ''})")
+        display.show(out, anomalies.select("model", "step", "tensor", "kind", "detail").head(50),
+                     f"anomalies ({anomalies.height}{', first 50 shown' if anomalies.height > 50 else ''})")
     else:
-        out.print("no anomalies")
+        display.line(out, "no anomalies")
 
 
 @main.command()
@@ -274,14 +326,25 @@ def demo(store):
         raise StoreError(f"the demo suite is missing from {suite}; reinstall ckptscope")
     with Store(store) as db:
         run_ingest(suite, store=db, name="demo-neox", tokens_per_step=_demo_tokens_per_step(suite), progress=True)
+    where = shlex.quote(str(store))
     with Store(store, read_only=True) as db:
-        for title, query in DEMO_QUERIES:
-            out.print(f"\n[bold]{title}[/]\n[dim]$ ckptscope sql --store {store} \"{query}\"[/]", highlight=False)
-            _show(db.sql(query))
-    out.print(f"\nstore: {store}   try: ckptscope ls --store {store}")
+        for title, query in DEMO_QUERIES:  # each command on one line, quoted for bash, to be copied as it is
+            out.print()
+            display.line(out, title, "bold")
+            display.line(out, f"$ {demo_command(where, query)}", "dim")
+            display.show(out, db.sql(query))
+    out.print()
+    display.line(out, f"store: {store}   try: ckptscope ls --store {where}")
+
+
+def demo_command(store: str, query: str) -> str:
+    """The `ckptscope sql` command line the demo prints for `query` (`store` already quoted)."""
+    return f"ckptscope sql --store {store} {display.shell_word(query)}"
 
 
 def _human(n: int | None) -> str:
+    if n is None:
+        return ""
     for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
         if n and n >= size:
             return f"{n / size:.1f}{unit}"

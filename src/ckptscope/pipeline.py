@@ -146,7 +146,7 @@ def reconcile(plan: Plan, store: Store, analyzers: list[Analyzer], *, force: boo
 
 @contextmanager
 def _progress(enabled: bool) -> Iterator[Progress]:
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
+    columns = (TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
     with Progress(*columns, console=Console(stderr=True), disable=not enabled, transient=False) as bar:
         yield bar
 
@@ -311,7 +311,7 @@ def _execute(plan: Plan, db: Store, analyzers: list[Analyzer], *, tokens_per_ste
     ckpts = Checkpoints(plan.source, plan.available)  # for re-basing, done here
     try:
         with _progress(progress) as bar:
-            steps_task = bar.add_task(f"[bold]{plan.model}[/] checkpoints", total=len(plan.todo))
+            steps_task = bar.add_task(f"{plan.model} checkpoints", total=len(plan.todo))
             tensor_task = bar.add_task("tensors", total=0, visible=False)
 
             def tasks() -> Iterator[StepTask]:
@@ -341,6 +341,7 @@ def _execute(plan: Plan, db: Store, analyzers: list[Analyzer], *, tokens_per_ste
                             log.warning("step %d failed", task.step, exc_info=outcome)
                         failures[task.step] = outcome
                         in_a_row += 1
+            bar.update(tensor_task, visible=False)  # the last step's tensor bar would stay behind, stale
             if failures:
                 written = {row["step"] for row in report}
                 not_started = sum(1 for s in plan.todo if s in all_steps and s not in written and s not in failures)
