@@ -235,7 +235,7 @@ def test_demo_ingests_embedded_suite_and_answers_queries(tmp_path):
     store = tmp_path / "demo.duckdb"
     res = invoke("demo", "--store", store)
     assert res.exit_code == 0, res.output
-    assert "Gradual rank increase" in res.output and "error" not in res.output
+    assert "How far layer 0's MLP input matrix moved" in res.output and "error" not in res.output
     suite = json.loads((Path(ckptscope.__file__).parent / "demo_suite" / "suite.json").read_text())
     with ckptscope.Store(store, read_only=True) as db:
         ck = db.sql("SELECT step, tokens FROM checkpoints WHERE status = 'ok' ORDER BY step")

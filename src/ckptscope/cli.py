@@ -9,35 +9,38 @@ from __future__ import annotations
 
 import functools
 import json
+import shlex
 import sys
 from importlib.resources import files
 from pathlib import Path
 
 import click
 import polars as pl
-from rich.console import Console
-from rich.markup import escape
-from rich.table import Table
+from rich.text import Text
 
+from ckptscope import display
 from ckptscope.errors import CkptscopeError, StoreError
-from ckptscope.store.db import Store, default_store_path
+from ckptscope.store.db import DEMO_STORE, Store, default_store_path
 
-out = Console()
-err = Console(stderr=True)
-DEMO_STORE = "ckptscope-demo.duckdb"
+out = display.console()
+err = display.console(stderr=True)
+_DEMO_STEP = "(SELECT {}(step) FROM checkpoints WHERE model = 'demo-neox')"  # first/last step of the demo model
 DEMO_QUERIES = [
     ("Steps ingested, with tokens seen",
      "SELECT step, tokens, duplicate_of FROM checkpoints WHERE model = 'demo-neox' ORDER BY step"),
     ("Stable rank of each layer's fused QKV matrix, first vs last step",
      "SELECT layer, step, round(value, 3) AS stable_rank FROM metrics WHERE model = 'demo-neox' AND metric = 'stable_rank' "
-     "AND component = 'attn.qkv' AND step IN (SELECT min(step) FROM checkpoints UNION SELECT max(step) FROM checkpoints) ORDER BY layer, step"),
-    ("Gradual rank increase: numerical rank of W_t - W_0 for layer 0's MLP input matrix",
-     "SELECT step, value AS delta_init_numerical_rank FROM metrics WHERE model = 'demo-neox' AND layer = 0 AND component = 'mlp.in' "
-     "AND metric = 'delta_init_numerical_rank' ORDER BY step"),
+     f"AND component = 'attn.qkv' AND step IN ({_DEMO_STEP.format('min')}, {_DEMO_STEP.format('max')}) ORDER BY layer, step"),
+    ("How far layer 0's MLP input matrix moved, relative to its size: since step 0 (grows, then levels off as the "
+     "learning rate decays) and since the previous saved step (peaks, then shrinks)",
+     "SELECT step, round(max(value) FILTER (metric = 'delta_init_relative'), 4) AS from_init, "
+     "round(max(value) FILTER (metric = 'delta_prev_relative'), 4) AS from_previous FROM metrics "
+     "WHERE model = 'demo-neox' AND layer = 0 AND component = 'mlp.in' GROUP BY step ORDER BY step"),
     ("Heavy-tail exponent alpha per layer and component at the final step",
-     "SELECT layer, " + ", ".join(f"round(max(value) FILTER (component = '{c}'), 2) AS \"{c}\"" for c in ("attn.qkv", "attn.o", "mlp.in", "mlp.out"))
-     + " FROM metrics WHERE model = 'demo-neox' AND metric = 'alpha' AND layer IS NOT NULL "
-     "AND step = (SELECT max(step) FROM checkpoints) GROUP BY layer ORDER BY layer"),
+     "SELECT layer, " + ", ".join(f"round(max(value) FILTER (component = '{c}'), 2) AS {c.replace('.', '_')}"
+                                  for c in ("attn.qkv", "attn.o", "mlp.in", "mlp.out"))
+     + f" FROM metrics WHERE model = 'demo-neox' AND metric = 'alpha' AND layer IS NOT NULL AND step = {_DEMO_STEP.format('max')} "
+     "GROUP BY layer ORDER BY layer"),
 ]
 
 
@@ -53,21 +56,54 @@ def _friendly(f):
         try:
             return f(*args, **kwargs)
         except CkptscopeError as exc:
-            err.print(f"[bold red]error:[/] {escape(str(exc))}", markup=True, highlight=False, soft_wrap=True)
+            err.print(Text.assemble(("error:", "bold red"), " ", str(exc)), soft_wrap=True)
             sys.exit(1)
         except KeyboardInterrupt:
-            err.print("interrupted: completed checkpoints are saved; run the same command again to resume", highlight=False)
+            err.print("interrupted: completed checkpoints are saved; run the same command again to resume")
             sys.exit(130)
     return wrapper
 
 
-def _show(df: pl.DataFrame, title: str | None = None) -> None:
-    table = Table(title=title, title_justify="left", show_lines=False)
-    for col in df.columns:
-        table.add_column(col, overflow="fold")
-    for row in df.iter_rows():
-        table.add_row(*("" if v is None else str(v) for v in row))
-    out.print(table)
+def _anomaly_summary(f):
+    """After a command that analyzes, one line counting by kind the anomalies its runs recorded
+    (NaN/Inf weights, ...), which are otherwise only seen with `ckptscope ls`.
+
+    The command's runs are those with a run_id above the store's largest before it started
+    (writers hold the store's lock, so no other process adds runs meanwhile)."""
+    @functools.wraps(f)
+    def wrapper(*args, **kwargs):
+        path = kwargs.get("store") or default_store_path()
+        before = _last_run_id(path)
+        result = f(*args, **kwargs)
+        counts = _new_anomalies(path, before)
+        if counts is not None:
+            total = sum(n for _, n in counts)
+            kinds = ", ".join(f"{n} {kind}" for kind, n in counts)
+            ls = "ckptscope ls" + (f" --store {shlex.quote(str(kwargs['store']))}" if kwargs.get("store") else "")
+            display.line(out, f"{total} anomal{'y' if total == 1 else 'ies'}: {kinds}; see `{ls}`" if total else "no anomalies found")
+        return result
+    return wrapper
+
+
+def _last_run_id(path: Path) -> int:
+    if not Path(path).is_file():
+        return 0
+    with Store(path, read_only=True) as db:
+        return db.sql("SELECT coalesce(max(run_id), 0) FROM runs").item()
+
+
+def _new_anomalies(path: Path, before: int) -> list[tuple[str, int]] | None:
+    """(kind, count) of the anomalies of runs after `before`, and of their checkpoints; None if
+    nothing ran (e.g. every step was already in the store)."""
+    if not Path(path).is_file():
+        return None
+    with Store(path, read_only=True) as db:
+        if not db.sql("SELECT count(*) FROM runs WHERE run_id > ?", [before]).item():
+            return None
+        return db.sql(
+            "SELECT kind, count(*) AS n FROM anomalies a WHERE a.run_id > ? OR (a.run_id IS NULL AND EXISTS "
+            "(SELECT 1 FROM runs r WHERE r.run_id > ? AND r.model = a.model AND r.step = a.step)) GROUP BY kind ORDER BY n DESC, kind",
+            [before, before]).rows()
 
 
 class _Commands(click.Group):
@@ -115,6 +151,7 @@ def ingest_command() -> click.Command:
                   help="Comma-separated analyzer names (`ckptscope analyzers` lists them).")
     @click.option("--force", is_flag=True, help="Recompute steps that are already in the store.")
     @_friendly
+    @_anomaly_summary
     def command(source, store, analyzers, force, **values):
         """Analyze the checkpoints in SOURCE into the store.
 
@@ -162,6 +199,7 @@ def _analyze_command(name: str, cls: type) -> click.Command:
     @click.option("--steps", help="Steps to analyze [default: the steps already ingested for MODEL].")
     @click.option("--force", is_flag=True, help="Recompute steps already analyzed.")
     @_friendly
+    @_anomaly_summary
     def command(model, store, steps, force, **values):
         from ckptscope.pipeline import analyze
 
@@ -177,21 +215,23 @@ def analyzers_command() -> click.Command:
 
     @_friendly
     def command():
-        """List the installed analyzers: version, origin, options, references, tables."""
+        """List the installed analyzers: version, origin, what they count, references, options, tables."""
         from ckptscope.analyzers import registry
 
-        rows = []
-        for name, f in sorted(registry.discover().items()):
+        found = registry.discover()
+        for name, f in sorted(found.items()):
             if f.cls is None:
-                rows.append({"analyzer": name, "version": "", "from": f.origin, "unit": "", "references": "",
-                             "options": f"cannot be loaded: {f.error}", "tables": ""})
+                display.line(out, f"{name} (from {f.origin}): cannot be loaded: {f.error}", "bold red")
                 continue
             cls = f.cls
-            opts = ", ".join(f"{d.flag}" + ("" if d.required else f"={d.default}") for d in cls.Options.declared())
+            display.line(out, f"{name} {cls.version} (from {f.origin}): {cls.summary()}", "bold")
             refs = ", ".join(map(str, cls.references(_unchecked_defaults(cls.Options)))) or "none"
-            rows.append({"analyzer": name, "version": cls.version, "from": f.origin, "unit": cls.unit, "references": refs,
-                         "options": opts, "tables": ", ".join(t.name for t in cls.tables)})
-        _show(pl.DataFrame(rows), f"{len(rows)} analyzer(s)")
+            tables = ", ".join(t.name for t in cls.tables) or "metric_values, spectra only"
+            display.line(out, f"  progress in {cls.unit}; references: {refs}; tables: {tables}")
+            for d in cls.Options.declared():
+                default = "required" if d.required else f"default {d.default}"
+                display.line(out, f"  {d.flag} ({default}): {d.help}")
+        display.line(out, f"{len(found)} analyzer(s); add one with an entry point in the group ckptscope.analyzers")
 
     return click.command(name="analyzers")(command)
 
@@ -208,7 +248,7 @@ def _summarize(report: pl.DataFrame, verb: str = "ingested") -> None:
         missing = report.filter(pl.col("status") == "missing")
         extra = f"; {dup.height} duplicate checkpoint(s) flagged" if dup.height else ""
         extra += f"; {missing.height} revision(s) without weights recorded as missing" if missing.height else ""
-        out.print(f"{verb} {report.height} checkpoint(s) in {report['seconds'].sum():.1f}s{extra}")
+        display.line(out, f"{verb} {report.height} checkpoint(s) in {report['seconds'].sum():.1f}s{extra}")
     else:
         out.print("nothing to do: every selected step is already in the store (use --force to recompute)")
 
@@ -218,20 +258,29 @@ def _summarize(report: pl.DataFrame, verb: str = "ingested") -> None:
 @_store_option
 @click.option("--format", "fmt", type=click.Choice(["table", "csv", "json", "parquet"]), default="table", show_default=True)
 @click.option("--output", "-o", type=click.Path(path_type=Path), help="Write the result to FILE instead of stdout.")
+@click.option("--max-rows", type=click.IntRange(min=0),
+              help=f"table: rows shown, 0 for all [default: {display.DEFAULT_MAX_ROWS} on stdout, all with --output].")
 @_friendly
-def sql(query, store, fmt, output):
-    """Run a read-only SQL QUERY against the store."""
+def sql(query, store, fmt, output, max_rows):
+    """Run a read-only SQL QUERY against the store.
+
+    The table format is for reading: floats to 6 significant digits, fitted to the terminal, at
+    most 40 rows unless --max-rows says otherwise. csv, json and parquet hold every row, exactly.
+    """
     if fmt == "parquet" and output is None:
         raise CkptscopeError("--format parquet needs --output FILE")
+    if max_rows is not None and fmt != "table":
+        raise CkptscopeError(f"--max-rows applies to --format table; --format {fmt} writes every row (use LIMIT in the query)")
     if output is not None and not output.parent.is_dir():
         raise CkptscopeError(f"--output {output}: directory {output.parent} does not exist")
     with Store(store or default_store_path(), read_only=True) as db:
         df = db.sql(query)
     if fmt == "table":
-        if output:
-            output.write_text(str(df))
+        if output:  # no terminal to fit: every row (unless --max-rows), each on one line
+            with output.open("w") as fh:
+                display.show(display.console(file=fh, width=display.UNBOUNDED_WIDTH), df, max_rows=max_rows)
         else:
-            _show(df)
+            display.show(out, df, max_rows=display.DEFAULT_MAX_ROWS if max_rows is None else max_rows)
     elif fmt == "parquet":
         df.write_parquet(output)
     else:
@@ -242,6 +291,7 @@ def sql(query, store, fmt, output):
             click.echo(text, nl=fmt == "json")
 
 
+        display.line(out, f"{verb} {report.height} checkpoint(s) in {report['seconds'].sum():.1f}s{extra}")
 @main.command()
 @click.argument("name", required=False)
 @_friendly
@@ -256,29 +306,32 @@ def suites(name):
         "tokens/step": [str(s.tokens_per_step or "") for s in entries],
         **({"steps": [s.grid_text() for s in entries]} if name else {}),
     })
-    _show(table, f"{len(entries)} catalog entr{'y' if len(entries) == 1 else 'ies'}; any other org/name is discovered at run time")
+    display.show(out, table, f"{len(entries)} catalog entr{'y' if len(entries) == 1 else 'ies'}; any other org/name is discovered at run time")
 
 
 @main.command(name="ls")
 @_store_option
 @_friendly
 def ls(store):
-    """List models, steps ingested, analyzers run and anomalies."""
+    """List models, steps ingested, tokens seen, analyzers run, anomalies and where each model came from."""
     with Store(store or default_store_path(), read_only=True) as db:
         summary, anomalies = db.summary(), db.anomalies()
     if not summary.height:
-        out.print("the store holds no models yet; run `ckptscope ingest SOURCE` or `ckptscope demo`")
+        display.line(out, "the store holds no models yet; run `ckptscope ingest SOURCE` or `ckptscope demo`")
         return
-    _show(summary.select(
+    human = functools.partial(pl.Expr.map_elements, function=_human, return_dtype=pl.String)
+    display.show(out, summary.select(  # narrow enough for 80 columns; the long cells follow, one line per model
         "model", pl.col("architecture").alias("arch"), pl.col("num_layers").alias("layers"),
-        pl.col("num_parameters").map_elements(_human, return_dtype=pl.String).alias("params"),
-        "steps", pl.format("{}..{}", "first_step", "last_step").alias("range"), "analyzers", "anomalies",
-    ), "models")
+        human(pl.col("num_parameters")).alias("params"), pl.format("{}..{} ({})", "first_step", "last_step", "steps").alias("steps"),
+        human(pl.col("last_tokens")).alias("tokens"), "anomalies",
+    ), "models", whole={"model", "arch", "tokens"})
+    for model, analyzers, source in summary.select("model", "analyzers", "source").iter_rows():
+        display.line(out, f"{model}: analyzers {(analyzers or 'none').replace(',', ', ')}; source {source}")
     if anomalies.height:
-        _show(anomalies.select("model", "step", "tensor", "kind", "detail").head(50),
-              f"anomalies ({anomalies.height}{', first 50 shown' if anomalies.height > 50 else ''})")
+        display.show(out, anomalies.select("model", "step", "tensor", "kind", "detail").head(50),
+                     f"anomalies ({anomalies.height}{', first 50 shown' if anomalies.height > 50 else ''})")
     else:
-        out.print("no anomalies")
+        display.line(out, "no anomalies")
 
 
 @main.command()
@@ -294,13 +347,23 @@ def demo(store):
     with Store(store) as db:
         ingest(suite, store=db, name="demo-neox", tokens_per_step=_demo_tokens_per_step(suite), progress=True)
     with Store(store, read_only=True) as db:
-        for title, query in DEMO_QUERIES:
-            out.print(f"\n[bold]{title}[/]\n[dim]$ ckptscope sql --store {store} \"{query}\"[/]", highlight=False)
-            _show(db.sql(query))
-    out.print(f"\nstore: {store}   try: ckptscope ls --store {store}")
+        for title, query in DEMO_QUERIES:  # each command on one line, quoted for bash, to be copied as it is
+            out.print()
+            display.line(out, title, "bold")
+            display.line(out, f"$ {demo_command(where, query)}", "dim")
+            display.show(out, db.sql(query))
+    out.print()
+    display.line(out, f"store: {store}   try: ckptscope ls --store {where}")
+
+
+def demo_command(store: str, query: str) -> str:
+    """The `ckptscope sql` command line the demo prints for `query` (`store` already quoted)."""
+    return f"ckptscope sql --store {store} {display.shell_word(query)}"
 
 
 def _human(n: int | None) -> str:
+    if n is None:
+        return ""
     for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
         if n and n >= size:
             return f"{n / size:.1f}{unit}"

@@ -14,6 +14,7 @@ the prompt's KV cache, which greedy decoding then extends one token at a time.
 
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,9 +32,17 @@ from ckptscope.options import Options, at_least, option
 from ckptscope.rows import RunRows, Table
 
 
+def kv_cache(out: Any) -> Any:
+    """The KV cache of a model output: `cache` in transformers 5 (where reading `past_key_values`
+    warns that it is deprecated), `past_key_values` before."""
+    return out["cache"] if "cache" in out else out.past_key_values
+
+
 def greedy_continuation(module: torch.nn.Module, cache: Any, logits: torch.Tensor, steps: int,
                         suppressed: list[int]) -> torch.Tensor:
     """`steps` greedy tokens after a prompt whose KV `cache` and last-position `logits` are given."""
+    # transformers 5 renamed forward's `past_key_values` to `cache` (the old name warns); 4.x knows only the old one.
+    cache_arg = "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
     tokens = []
     for i in range(steps):
         scores = logits.float()  # argmax in float32, as `generate` takes it
@@ -41,8 +50,8 @@ def greedy_continuation(module: torch.nn.Module, cache: Any, logits: torch.Tenso
         nxt = scores.argmax(-1)
         tokens.append(nxt)
         if i + 1 < steps:
-            out = module(input_ids=nxt[:, None], past_key_values=cache, use_cache=True)
-            cache, logits = out.past_key_values, out.logits[:, -1]
+            out = module(input_ids=nxt[:, None], use_cache=True, **{cache_arg: cache})
+            cache, logits = kv_cache(out), out.logits[:, -1]
     return torch.stack(tokens, 1)
 
 
@@ -159,7 +168,7 @@ class MemorizationAnalyzer(Analyzer):
             norm, head = model.final_norm(), model.module.get_output_embeddings()
             hits = torch.tensor([int((head(norm(resid[s.module][:, p - 1 : p + c - 1])).argmax(-1) == targets).sum())
                                  for s in sites], dtype=torch.long)
-            cache = out.past_key_values
+            cache = kv_cache(out)
             cache.crop(-c)  # drop the true continuation: keep the prompt's keys and values
             generated = greedy_continuation(model.module, cache, out.logits[:, 0], c, suppressed)
         score = (generated == targets).float().mean(1)

@@ -43,6 +43,8 @@ SAFETENSORS_SINGLE = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 BIN_SINGLE = "pytorch_model.bin"
 BIN_INDEX = "pytorch_model.bin.index.json"
+# A damaged file: advice that fits a local run (re-save or copy) and a download alike.
+AGAIN = "copy, download or save it again"
 
 
 @dataclass(frozen=True)
@@ -70,11 +72,11 @@ def weight_files(path: Path) -> tuple[str, list[Path]]:
             try:
                 weight_map = json.loads((path / index).read_text())["weight_map"]
             except (ValueError, KeyError) as exc:
-                raise SourceError(f"{path / index}: not a valid shard index ({exc}); re-download or re-save the checkpoint") from None
+                raise SourceError(f"{path / index}: not a valid shard index ({exc}); {AGAIN}") from None
             files = sorted({path / f for f in weight_map.values()})
             missing = [f.name for f in files if not f.is_file()]
             if missing:
-                raise SourceError(f"{path}: shard(s) {', '.join(missing)} listed in {index} are missing; re-download the checkpoint")
+                raise SourceError(f"{path}: shard(s) {', '.join(missing)} listed in {index} are missing; copy, download or save the checkpoint again")
             return fmt, files
         if (path / single).is_file():
             return fmt, [path / single]
@@ -92,16 +94,16 @@ def _read_safetensors_header(file: Path) -> list[TensorInfo]:
     with open(file, "rb") as fh:
         raw = fh.read(8)
         if len(raw) < 8:
-            raise SourceError(f"{file}: truncated safetensors file ({size} bytes); re-download or re-save it")
+            raise SourceError(f"{file}: truncated safetensors file ({size} bytes); {AGAIN}")
         (header_len,) = struct.unpack("<Q", raw)
         if header_len > size - 8 or header_len > 100_000_000:
-            raise SourceError(f"{file}: corrupt safetensors header (claims {header_len} bytes, file has {size}); re-download or re-save it")
+            raise SourceError(f"{file}: corrupt safetensors header (claims {header_len} bytes, file has {size}); {AGAIN}")
         try:
             header = json.loads(fh.read(header_len))
         except ValueError:
-            raise SourceError(f"{file}: corrupt safetensors header (not JSON); re-download or re-save it") from None
+            raise SourceError(f"{file}: corrupt safetensors header (not JSON); {AGAIN}") from None
     if not isinstance(header, dict):
-        raise SourceError(f"{file}: corrupt safetensors header (not a JSON object); re-download or re-save it")
+        raise SourceError(f"{file}: corrupt safetensors header (not a JSON object); {AGAIN}")
     data_start = 8 + header_len
     infos = []
     end = 0
@@ -113,7 +115,7 @@ def _read_safetensors_header(file: Path) -> list[TensorInfo]:
             start, stop = (int(x) for x in meta["data_offsets"])
             shape = tuple(int(s) for s in meta["shape"])
         except (KeyError, TypeError, ValueError):
-            raise SourceError(f"{file}: corrupt safetensors entry for {name!r}; re-download or re-save it") from None
+            raise SourceError(f"{file}: corrupt safetensors entry for {name!r}; {AGAIN}") from None
         numel = 1
         for s in shape:
             numel *= s
@@ -122,7 +124,7 @@ def _read_safetensors_header(file: Path) -> list[TensorInfo]:
         end = max(end, stop)
         infos.append(TensorInfo(name, shape, str(dtype).removeprefix("torch."), file, data_start + start, stop - start))
     if data_start + end > size:
-        raise SourceError(f"{file}: truncated safetensors file ({size} bytes, header needs {data_start + end}); re-download it")
+        raise SourceError(f"{file}: truncated safetensors file ({size} bytes, header needs {data_start + end}); {AGAIN}")
     return infos
 
 
@@ -143,7 +145,7 @@ def _load_bin(file: Path) -> dict[str, torch.Tensor]:
             "re-save the weights as a plain state dict or safetensors"
         ) from None
     except (RuntimeError, EOFError, OSError, ValueError) as exc:
-        raise SourceError(f"{file}: cannot read PyTorch checkpoint ({str(exc).splitlines()[0][:160]}); re-download or re-save it") from None
+        raise SourceError(f"{file}: cannot read PyTorch checkpoint ({str(exc).splitlines()[0][:160]}); {AGAIN}") from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -200,7 +202,7 @@ class Checkpoint:
                 fh.seek(info.offset)
                 got = fh.readinto(memoryview(out.view(-1).view(torch.uint8).numpy()))
             if got != info.nbytes:
-                raise SourceError(f"{info.file}: truncated while reading {name!r}; re-download it")
+                raise SourceError(f"{info.file}: truncated while reading {name!r}; {AGAIN}")
         return out
 
     def content_hash(self) -> str:

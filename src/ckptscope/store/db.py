@@ -7,10 +7,12 @@ Reads come back as polars DataFrames.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +26,7 @@ from ckptscope.store import migrations
 
 DEFAULT_STORE = "ckptscope.duckdb"
 STORAGE_COMPATIBILITY = "v1.1.0"  # oldest DuckDB that must open a new store; see docs/store.md
+DEMO_STORE = "ckptscope-demo.duckdb"  # what `ckptscope demo` writes
 READ_STATEMENTS = {"SELECT", "EXPLAIN"}
 CORE_RUN_TABLES = ("metric_values", "spectra", "anomalies", "runs")  # rows owned by a run, besides analyzer tables
 
@@ -48,9 +51,12 @@ class Store:
         self.path = Path(path) if path is not None else default_store_path()
         self.read_only = read_only
         if read_only and not self.path.exists():
-            raise StoreError(f"store {self.path} does not exist; create it with `ckptscope ingest` or `ckptscope demo`, or pass --store")
+            raise StoreError(f"store {self.path} does not exist; create it with `ckptscope ingest SOURCE`, or pass --store STORE "
+                             f"(`ckptscope demo` creates {DEMO_STORE}: pass --store {DEMO_STORE})")
         if self.path.exists() and self.path.is_dir():
             raise StoreError(f"store {self.path} is a directory; pass a file path with --store")
+        if not read_only and not os.access(self.path.resolve().parent, os.W_OK):  # found before any work, not at the first commit
+            raise StoreError(f"cannot write store {self.path}: {self._not_writable()}")
         try:
             # Read-only means no side effects at all: no extension downloads triggered by a SELECT.
             # A new file is written in a storage format DuckDB >= 1.1 reads (CLI, R, DBeaver), not
@@ -64,13 +70,19 @@ class Store:
                 pid = re.search(r"PID (\d+)", msg)
                 who = f" (PID {pid.group(1)})" if pid else ""
                 raise StoreError(f"store {self.path} is locked by another process{who}; wait for it to finish or use another --store") from None
+            if "permission denied" in msg.lower():
+                raise StoreError(f"cannot open store {self.path}: {msg}; {self._not_writable()}") from None
             raise StoreError(f"cannot open store {self.path}: {msg}") from None
         except duckdb.Error as exc:
             raise StoreError(f"cannot open store {self.path}: {_one_line(exc)}; is it a ckptscope DuckDB file?") from None
+        self._opened = os.stat(self.path)
         if read_only:
             self._check_version()
         else:
-            self._migrate()
+            try:
+                self._migrate()
+            except duckdb.Error as exc:  # a new store's schema is its first write
+                raise self._write_error(exc) from None
 
     # -- lifecycle -------------------------------------------------------------------------
     def close(self) -> None:
@@ -90,10 +102,7 @@ class Store:
     def _migrate(self) -> None:
         """Bring the store up to date (one transaction); an up-to-date store is left byte-identical."""
         self._check_version()
-        try:
-            migrations.migrate(self.con)
-        except duckdb.Error as exc:
-            raise StoreError(f"cannot upgrade store {self.path}: {_one_line(exc)}") from None
+        migrations.migrate(self.con)  # a DuckDB error here is a failed write: see __init__
 
     def _check_version(self) -> None:
         try:
@@ -163,13 +172,14 @@ class Store:
         return self.sql(f"SELECT * FROM metrics {clause} ORDER BY model, step, layer NULLS FIRST, tensor, component, metric", params)
 
     def summary(self) -> pl.DataFrame:
-        """Per model: steps ingested, analyzers run, anomalies — what `ckptscope ls` shows."""
+        """Per model: steps ingested, tokens at the last one, analyzers run, anomalies, source — what `ckptscope ls` shows."""
         return self.sql(
             """
             SELECT m.model, m.architecture, m.num_layers, m.num_parameters,
                    count(DISTINCT c.step) FILTER (WHERE c.status = 'ok') AS steps,
                    min(c.step) FILTER (WHERE c.status = 'ok') AS first_step,
                    max(c.step) FILTER (WHERE c.status = 'ok') AS last_step,
+                   arg_max(c.tokens, c.step) FILTER (WHERE c.status = 'ok') AS last_tokens, m.source,
                    (SELECT string_agg(DISTINCT analyzer, ',' ORDER BY analyzer) FROM runs r WHERE r.model = m.model) AS analyzers,
                    (SELECT count(*) FROM anomalies a WHERE a.model = m.model) AS anomalies
             FROM models m LEFT JOIN checkpoints c USING (model)
@@ -197,8 +207,7 @@ class Store:
         """
         con = self.con
         declared = {t.name: t for _, t in tables}
-        con.begin()
-        try:
+        with self._transaction():
             self._ensure_tables(tables)
             if model is not None:
                 con.execute(
@@ -236,10 +245,6 @@ class Store:
                         self._insert(table, rows.model, rows.step, run_id, columns, declared=declared[table])
                 for tensor, kind, detail in run.anomalies:
                     self._add_anomaly(rows.model, rows.step, tensor, kind, detail, run_id)
-            con.commit()
-        except BaseException:
-            con.rollback()
-            raise
 
     def _mark_duplicates(self, model: str) -> None:
         """Point every checkpoint of `model` at the earliest step with the same weights, with a
@@ -266,8 +271,7 @@ class Store:
         Used when a reference moves, e.g. `final_*` rows after a later step is ingested.
         """
         con = self.con
-        con.begin()
-        try:
+        with self._transaction():
             run_id = self._scalar("SELECT run_id FROM runs WHERE model = ? AND step = ? AND analyzer = ?", [model, step, analyzer])
             con.execute(
                 f"DELETE FROM metric_values WHERE run_id = ? AND metric IN ({', '.join('?' * len(metrics))})",
@@ -276,9 +280,24 @@ class Store:
             if rows.metrics["metric"]:
                 self._insert("metric_values", model, step, run_id, rows.metrics)
             con.execute("UPDATE runs SET parameters = ? WHERE run_id = ?", [json.dumps(parameters, sort_keys=True), run_id])
-            con.commit()
-        except BaseException:
-            con.rollback()
+
+    @contextmanager
+    def _transaction(self) -> Iterator[None]:
+        """One transaction: committed if the block completes, else rolled back. A store that cannot
+        be written (read-only directory, full disk, file deleted) raises one-line `StoreError`;
+        earlier transactions stay committed."""
+        self._check_still_there()
+        self.con.begin()
+        try:
+            yield
+            self.con.commit()
+        except BaseException as exc:
+            try:
+                self.con.rollback()
+            except duckdb.Error:  # a failed commit has already ended (and undone) the transaction
+                pass
+            if isinstance(exc, duckdb.Error):
+                raise self._write_error(exc) from None
             raise
 
     def runs_of(self, model: str, analyzer: str) -> dict[int, tuple[str, dict]]:
@@ -289,15 +308,39 @@ class Store:
 
     def set_tokens_per_step(self, model: str, tokens_per_step: int) -> None:
         """Rewrite the model's tokens per step and every stored step's tokens (step × it), in one transaction."""
-        con = self.con
-        con.begin()
+        with self._transaction():
+            self.con.execute("UPDATE models SET tokens_per_step = ? WHERE model = ?", [tokens_per_step, model])
+            self.con.execute("UPDATE checkpoints SET tokens = step * ? WHERE model = ?", [tokens_per_step, model])
+
+    def _check_still_there(self) -> None:
+        """A store file deleted or replaced while open would take every later write with it."""
         try:
-            con.execute("UPDATE models SET tokens_per_step = ? WHERE model = ?", [tokens_per_step, model])
-            con.execute("UPDATE checkpoints SET tokens = step * ? WHERE model = ?", [tokens_per_step, model])
-            con.commit()
-        except BaseException:
-            con.rollback()
-            raise
+            same = os.path.samestat(os.stat(self.path), self._opened)
+        except FileNotFoundError:
+            same = False
+        if not same:
+            raise StoreError(f"store {self.path} was deleted or replaced while this command ran; nothing more was written to it. "
+                             "Run the same command again to write a new store")
+
+    def _not_writable(self) -> str:
+        return (f"the store or its directory {self.path.resolve().parent} is not writable (a store is written with a "
+                f"{self.path.name}.wal file beside it); pass --store with a path in a writable directory, or copy the store there")
+
+    def _write_error(self, exc: duckdb.Error) -> StoreError:
+        """A duckdb error from writing, as one line saying what to do; the cause decides the advice."""
+        msg = _one_line(exc)
+        where = self.path.resolve().parent
+        if "permission denied" in msg.lower() or "read-only" in msg.lower():
+            advice = self._not_writable()
+        elif os.strerror(errno.ENOSPC) in msg or "File too large" in msg or "disk" in msg.lower():
+            advice = f"free space on the disk holding {where}, then run the same command again to resume"
+        else:
+            advice = "run the same command again to resume"
+        return StoreError(f"cannot write store {self.path}: {msg}; the checkpoints completed before are saved; {advice}")
+
+    def run_parameters(self, model: str, analyzer: str) -> dict[int, dict]:
+        rows = self.con.execute("SELECT step, parameters FROM runs WHERE model = ? AND analyzer = ?", [model, analyzer]).fetchall()
+        return {step: json.loads(params) for step, params in rows}
 
     def _delete_step(self, model: str, step: int, analyzers: list[str]) -> None:
         ids = [r[0] for r in self.con.execute(

@@ -107,6 +107,9 @@ def migrate(con: duckdb.DuckDBPyConnection) -> list[str]:
         con.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", [SCHEMA_VERSION])
         con.commit()
     except BaseException:
-        con.rollback()
+        try:
+            con.rollback()
+        except duckdb.Error:  # a failed commit has already ended (and undone) the transaction
+            pass
         raise
     return [name for name, _ in todo]
