@@ -33,6 +33,7 @@ KDE_BANDWIDTH = 0.1  # WW's bw for the linear-kernel KDE of the rescaled spectru
 KDE_POINTS = 1000  # WW evaluates the KDE on linspace(0, max + 0.5, 1000)
 KDE_THRESH = 0.01  # grid points whose KDE is below this are left out of the residual
 PENALTY = 1000.0  # WW's residual for every point when the MP bulk misses the KDE peak
+GRAM_RESOLUTION = 4 * math.sqrt(np.finfo(np.float64).eps)  # × √m σ_max: smallest σ a Gram eigensolve resolves
 MP_METRICS = ("sigma_mp", "bulk_max", "bulk_min", "mp_softrank", "num_spikes")
 
 
@@ -253,7 +254,13 @@ class MPFitAnalyzer(Analyzer):
                 return {}
             if sv is None:
                 sv = singular_values(w.to(ctx.device))
-        evals = np.sort(np.asarray(sv, dtype=np.float64) ** 2)
+        sv = np.asarray(sv, dtype=np.float64)
+        if sv.size and sv.min() < GRAM_RESOLUTION * math.sqrt(m) * sv.max():
+            # A Gram eigensolve leaves a zero σ at ~1e-8 σ_max, above WW's rank tolerance σ_max·n·eps
+            # (matrix_entropy's R): only an SVD tells a rank-deficient matrix's zeros apart.
+            w = orient(name, ctx.family, ctx.checkpoint.read(name)) if w is None else w
+            sv = torch.linalg.svdvals(w.to(ctx.device, torch.float64)).cpu().numpy()
+        evals = np.sort(sv**2)
         values: dict[str, float] = {"matrix_entropy": matrix_entropy(evals, n),
                                     "log_alpha_norm": log_alpha_norm(evals, fit_power_law(evals).alpha)}
         fit = mp_fit(evals, n, m)
