@@ -76,13 +76,20 @@ def sparsity(w: torch.Tensor, *, mantissa_bits: int = 11) -> Sparsity:
             key = a.view(torch.int16).to(torch.int64)  # sign bit cleared by abs(), so 0 .. 2¹⁵ − 1
         else:  # rounding to float32 is monotone, so the key still sorts like the value
             key = (a.to(torch.float32).view(torch.int32) >> shift).to(torch.int64)
-        x = a.to(torch.float64)
         counts += torch.bincount(key, minlength=nbins)
+        if exact:  # a bucket is one value: its sums follow from the counts after the pass
+            continue
+        x = a.to(torch.float64)
         sums.index_add_(0, key, x)
         sumsq += float(torch.dot(x, x))
         if not exact:
             lo.scatter_reduce_(0, key, x, "amin")
             hi.scatter_reduce_(0, key, x, "amax")
+    if exact:  # c·v and c·v² are exact in float64 (v has at most 11 significant bits)
+        values = torch.arange(nbins, dtype=torch.int16, device=flat.device).view(flat.dtype).to(torch.float64)
+        values = torch.where(counts > 0, values, 0.0)  # NaN/Inf bit patterns are empty buckets
+        sums = counts * values
+        sumsq = float(torch.dot(sums, values))
     used = counts > 0
     c = counts[used].cpu().numpy()
     s = sums[used].cpu().numpy()
