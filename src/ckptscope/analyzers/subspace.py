@@ -56,7 +56,7 @@ class Subspaces:
     left: np.ndarray | None  # (rows, k) float64; None when undefined
     right: np.ndarray | None  # (cols, k)
     k: int
-    gap: float  # δ_k = (σ_k − σ_{k+1})/σ_k; 0 when σ_k = 0
+    gap: float  # δ_k = (σ_k − σ_{k+1})/σ_k; 0 when σ_k is 0 up to rounding
     sigma_k: float
     sigma_next: float  # σ_{k+1}, 0 when k is the shorter side
     route: str  # "gram" or "svd"
@@ -101,8 +101,9 @@ def top_subspaces(w: torch.Tensor, k: int, g: torch.Tensor | None = None) -> Sub
     sigma_next = float(sigma[k]) if k < short else 0.0
     gap = (sigma_k - sigma_next) / sigma_k if sigma_k > 0 else 0.0
     why = None
-    if sigma_k <= max(rows, cols) * np.finfo(np.float64).eps * sigma1:
+    if sigma_k <= max(rows, cols) * np.finfo(np.float64).eps * sigma1:  # σ_k is 0 up to rounding
         why = f"rank below k: σ_{k} = {sigma_k:.3g} is at rounding level of σ₁ = {sigma1:.3g}"
+        gap = 0.0
     elif gap < MIN_GAP:
         why = f"σ_{k} = {sigma_k:.9g} and σ_{k + 1} = {sigma_next:.9g} tie (relative gap {gap:.2g} < {MIN_GAP:g})"
     if why is not None:
