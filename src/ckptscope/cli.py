@@ -243,6 +243,7 @@ def _unchecked_defaults(options: type) -> object:
 
 
 def _summarize(report: pl.DataFrame, verb: str = "ingested") -> None:
+    """One line: what the run wrote (`verb`: ingested or analyzed), duplicates and missing revisions."""
     if report.height:
         dup = report.filter(pl.col("duplicate_of").is_not_null())
         missing = report.filter(pl.col("status") == "missing")
@@ -250,7 +251,7 @@ def _summarize(report: pl.DataFrame, verb: str = "ingested") -> None:
         extra += f"; {missing.height} revision(s) without weights recorded as missing" if missing.height else ""
         display.line(out, f"{verb} {report.height} checkpoint(s) in {report['seconds'].sum():.1f}s{extra}")
     else:
-        out.print("nothing to do: every selected step is already in the store (use --force to recompute)")
+        display.line(out, "nothing to do: every selected step is already in the store (use --force to recompute)")
 
 
 @main.command()
@@ -291,7 +292,6 @@ def sql(query, store, fmt, output, max_rows):
             click.echo(text, nl=fmt == "json")
 
 
-        display.line(out, f"{verb} {report.height} checkpoint(s) in {report['seconds'].sum():.1f}s{extra}")
 @main.command()
 @click.argument("name", required=False)
 @_friendly

@@ -13,7 +13,7 @@ An analyzer is one module holding one `Analyzer` subclass that declares, in one 
 * `unit`, what its progress bar counts (tensors, batches, sequences);
 * `after`, analyzers whose intermediate results (`ctx.shared`) it reuses when they run too;
 * `final_metrics` and `refresh_final(ctx)`, when some rows are measured against the final step;
-* optionally `report_sections(db, selection)`, charts it adds to the HTML report.
+* optionally `report_sections(models)`, charts it adds to the HTML report.
 
 `analyze(ctx)` turns one checkpoint into `RunRows`. Built-in analyzers are the `Analyzer`
 subclasses defined in the modules of `ckptscope.analyzers`; other packages add theirs through
@@ -86,6 +86,29 @@ class AnalysisContext:
         return self.references[key]
 
 
+@dataclass(frozen=True)
+class LineChart:
+    """A chart an analyzer adds to the report: `sql` returns columns `series` (a line's name), `x`
+    and `y`, ordered by series and x; the report runs it, draws one line per series and shows the SQL."""
+
+    title: str
+    caption: str
+    sql: str
+    x_title: str = "step"
+    y_title: str = ""
+    log_x: bool = False
+
+
+@dataclass(frozen=True)
+class ReportSection:
+    """A report section of an analyzer's charts."""
+
+    anchor: str
+    title: str
+    intro: str
+    charts: list[LineChart] = field(default_factory=list)
+
+
 class Analyzer:
     """Base class of every analyzer: subclasses set the class attributes and `analyze`."""
 
@@ -136,6 +159,7 @@ class Analyzer:
         raise NotImplementedError
 
     @classmethod
-    def report_sections(cls, db: Any, selection: Any) -> list[Any]:
-        """Report sections (`ckptscope.reports.sections.Section`) built from the store; none by default."""
+    def report_sections(cls, models: list[str]) -> list[ReportSection]:
+        """Sections this analyzer adds to the HTML report of `models`: line charts defined by SQL
+        over its tables; none by default."""
         return []

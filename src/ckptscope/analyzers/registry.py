@@ -1,7 +1,7 @@
 """Which analyzers exist: the built-in ones and those other packages add through entry points.
 
-Built-in analyzers are the `Analyzer` subclasses defined in the modules of this package, so
-adding one is adding its module. Another package adds one with an entry point in the group
+Built-in analyzers are the `Analyzer` subclasses defined in the modules of this package, each
+module named after its analyzer, so adding one is adding its module. Another package adds one with an entry point in the group
 `ckptscope.analyzers` whose name is the analyzer's name, as `--analyzers` and `runs.analyzer`
 use it:
 
@@ -12,6 +12,7 @@ use it:
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import pkgutil
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -36,6 +37,16 @@ class Found:
     origin: str  # "ckptscope" or the distribution that provides it
     cls: type[Analyzer] | None
     error: str | None = None
+
+
+def _built_in(name: str) -> Found | None:
+    """A built-in analyzer without importing the others: its module is named after it."""
+    if not name.isidentifier() or importlib.util.find_spec(f"{package.__name__}.{name}") is None:
+        return None
+    module = importlib.import_module(f"{package.__name__}.{name}")
+    cls = next((v for v in vars(module).values() if isinstance(v, type) and issubclass(v, Analyzer)
+                and v.__module__ == module.__name__ and v.name == name), None)
+    return Found(name, "ckptscope", cls) if cls is not None else None
 
 
 @cache
@@ -68,7 +79,7 @@ def discover() -> dict[str, Found]:
 
 def get(name: str) -> type[Analyzer]:
     """The analyzer class called `name`, or a one-line error listing the installed ones."""
-    found = discover().get(name)
+    found = _built_in(name) or discover().get(name)
     if found is None:
         raise CkptscopeError(f"unknown analyzer {name!r}; choose from: {', '.join(sorted(discover()))} "
                              "(`ckptscope analyzers` lists them)")

@@ -31,6 +31,7 @@ import numpy as np
 import polars as pl
 from markupsafe import Markup
 
+from ckptscope.errors import CkptscopeError
 from ckptscope.reports import queries as q
 from ckptscope.store.db import Store
 
@@ -132,7 +133,33 @@ class _Builder:
         if q.has_rows(self.db, "memorization_summary", self.sel):
             out.append(self._memorization_section())
         out.append(self._spectra_section())
+        return out + self._analyzer_sections()
+
+    def _analyzer_sections(self) -> list[Section]:
+        """Sections that the analyzers which ran on the selected models contribute (`report_sections`)."""
+        from ckptscope.analyzers import registry  # loads analyzer modules: only when a report is built
+
+        ran = self.db.sql(f"SELECT DISTINCT analyzer FROM runs WHERE {q.in_list('model', self.sel.models)} ORDER BY analyzer")
+        out = []
+        for name in ran["analyzer"].to_list():
+            try:
+                cls = registry.get(name)
+            except CkptscopeError:  # rows of an analyzer no longer installed still show in the other sections
+                continue
+            for extra in cls.report_sections(self.sel.models):
+                charts = [self._line_chart(c) for c in extra.charts]
+                out.append(Section(f"{name}-{extra.anchor}", extra.title, extra.intro, [c for c in charts if c is not None]))
         return out
+
+    def _line_chart(self, chart: Any) -> Chart | None:
+        """A `ckptscope.analyzers.contract.LineChart`, run and drawn."""
+        df = self.db.sql(chart.sql)
+        if not df.height:
+            return None
+        series = [{"name": str(name), "x": _floats(g["x"]), "y": _floats(g["y"])}
+                  for (name,), g in df.partition_by("series", as_dict=True, maintain_order=True).items()]
+        spec = {"type": "lines", "series": series, "x_title": chart.x_title, "y_title": chart.y_title, "log_x": chart.log_x}
+        return self._chart(chart.title, chart.caption, [chart.sql], spec)
 
     def _model_section(self, model: str) -> Section:
         charts = [c for metric in self.sel.metrics if (c := self._layer_chart(model, metric, self.sel.components))]

@@ -225,8 +225,19 @@
     }), CONFIG);
   }
 
+  function drawLines(chart) {  // charts that analyzers contribute (ckptscope.reports.extension)
+    const traces = chart.series.map((s, i) => ({
+      type: "scatter", mode: lineMode(s.x.length), x: s.x, y: s.y, name: esc(s.name), line: {color: color(i)},
+      hovertemplate: `${esc(s.name)}<br>${esc(chart.x_title)}: %{x}<br>${esc(chart.y_title)}: %{y:.4g}<extra></extra>`,
+    }));
+    return Plotly.react(plotDiv(chart, 0), traces, baseLayout({
+      height: 380, xaxis: {type: chart.log_x ? "log" : "linear", title: {text: esc(chart.x_title)}},
+      yaxis: {title: {text: esc(chart.y_title)}},
+    }), CONFIG);
+  }
+
   const DRAW = {layers: drawLayers, compare: drawCompare, checkpoints: drawCheckpoints, stabilization: drawStabilization,
-    memorization: drawMemorization, spectrum: drawSpectrum};
+    memorization: drawMemorization, spectrum: drawSpectrum, lines: drawLines};
 
   async function main() {
     const status = document.getElementById("status");
