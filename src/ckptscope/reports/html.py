@@ -340,7 +340,7 @@ def _asset(name: str) -> str:
 
 @functools.cache
 def _plotly() -> tuple[str, str]:
-    """The version of plotly.min.js in the installed plotly package, and its text, safe inside <script>.
+    r"""The version of plotly.min.js in the installed plotly package, and its text, safe inside <script>.
 
     `</script` would end the element and `<!--` would change how the parser reads the rest; in
     JavaScript `<\/` and `<\!` mean the same as `</` and `<!` inside the strings and regexes where they can occur.

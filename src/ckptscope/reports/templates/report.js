@@ -244,6 +244,18 @@
   const DRAW = {layers: drawLayers, compare: drawCompare, checkpoints: drawCheckpoints, stabilization: drawStabilization,
     memorization: drawMemorization, spectrum: drawSpectrum, tensors: drawTensors};
 
+  // Printing lays the page out at paper width, but each chart was drawn at the window's width: before
+  // printing, narrower charts are redrawn to fit the paper (synchronously), and after it, to fit the window.
+  const PRINT_WIDTH = 680;  // CSS px: A4 or Letter less Chromium's default margins
+  function fitPrint(printing) {
+    for (const gd of document.querySelectorAll(".js-plotly-plot")) {
+      if (printing && gd._fullLayout.width > PRINT_WIDTH) Plotly.relayout(gd, {width: PRINT_WIDTH}).catch(fail);
+      else if (!printing && gd.layout.width !== undefined) Plotly.relayout(gd, {width: null}).catch(fail);
+    }
+  }
+  window.addEventListener("beforeprint", () => fitPrint(true));
+  window.addEventListener("afterprint", () => fitPrint(false));
+
   const status = document.getElementById("status");
 
   function fail(error) {
