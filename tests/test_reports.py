@@ -553,4 +553,4 @@ def test_spectrum_decade_ticks_and_matrix_selector(gpt2_store, gpt2_report, brow
     for trace in histograms:
         bins = np.round(np.log10(trace["x"]) * q.BINS_PER_DECADE - 0.5)
         widths = 10 ** ((bins + 1) / q.BINS_PER_DECADE) - 10 ** (bins / q.BINS_PER_DECADE)
-        assert float(np.dot(trace["y"], widths)) == pytest.approx(1.0, rel=1e-9)
+        assert float(np.dot(trace["y"], widths)) == pytest.approx(1.0, rel=1e-3)  # densities sent to 4 digits

@@ -259,8 +259,8 @@ class _Builder:
                                                                maintain_order=True).items():
             f = fits.get((tensor, component, step), {})
             per_matrix.setdefault((tensor, component), []).append({
-                "step": step, "tokens": f.get("tokens"), "eigenvalue": _floats(g["eigenvalue"]),
-                "density": _floats(g["density"]), "total": g["total"][0], "ev_max": g["ev_max"][0],
+                "step": step, "tokens": f.get("tokens"), "eigenvalue": _floats(g["eigenvalue"], 4),
+                "density": _floats(g["density"], 4), "total": g["total"][0], "ev_max": g["ev_max"][0],
                 "alpha": _finite(f.get("alpha")), "xmin": _finite(f.get("alpha_xmin")), "n_tail": _finite(f.get("num_pl_spikes"))})
         rows = [r for r in candidates.iter_rows(named=True) if (r["tensor"], r["component"]) in per_matrix]
         matrices = [{"tensor": r["tensor"], "component": r["component"], "layer": r["layer"],
@@ -317,9 +317,14 @@ def _pack(grid: np.ndarray) -> str:
     return base64.b64encode(planes.tobytes()).decode("ascii")
 
 
-def _floats(series: pl.Series) -> list[float | None]:
-    """JSON-ready values: NaN and infinities become null (JSON has no NaN)."""
-    return [_finite(v) for v in series.to_list()]
+def _floats(series: pl.Series, digits: int | None = None) -> list[float | None]:
+    """JSON-ready values: NaN and infinities become null (JSON has no NaN).
+
+    `digits` rounds to that many significant digits, for bulky data drawn at screen resolution
+    (the spectra of every matrix): a quarter of the JSON of full float64 text.
+    """
+    values = [_finite(v) for v in series.to_list()]
+    return values if digits is None else [v if v is None else float(f"{v:.{digits}g}") for v in values]
 
 
 def _finite(value: float | None) -> float | None:

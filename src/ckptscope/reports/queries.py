@@ -153,7 +153,10 @@ def tensor_pattern(layer_column: str = "layer") -> str:
     Tensors of one component at one layer (a norm's weight and bias, ln_1 and ln_2) are
     different matrices: the pattern tells them apart, and joins the same tensor across layers.
     """
-    return f"regexp_replace(tensor, '\\.' || {layer_column} || '\\.', '.*.')"
+    # The first `.N.` only, found with strpos: a regex built from each row's layer would be compiled per row.
+    at = f"strpos(tensor, '.' || {layer_column} || '.')"
+    return (f"CASE WHEN {at} > 0 THEN left(tensor, {at}) || '*' || substr(tensor, {at} + length({layer_column}::VARCHAR) + 1) "
+            "ELSE tensor END")
 
 
 def layer_grid_sql(model: str, metric: str, components: Sequence[str] | None) -> str:
@@ -180,7 +183,7 @@ ORDER BY component, tensor, step"""
 
 def metric_series_sql(model: str, metric: str, component: str | None) -> str:
     """Every tensor's values, with and without a layer, for static figures: one line per tensor."""
-    return f"""SELECT component, layer, tensor, coalesce({tensor_pattern()}, tensor) AS pattern, step, avg(value) AS value
+    return f"""SELECT component, layer, tensor, {tensor_pattern()} AS pattern, step, avg(value) AS value
 FROM metrics
 WHERE model = {literal(model)} AND metric = {literal(metric)}{_component_filter([component] if component else None)}
 GROUP BY component, layer, tensor, step
