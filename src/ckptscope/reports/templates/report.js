@@ -212,7 +212,12 @@
   // Eigenvalue density per step of the matrix chosen in the selector, and the power-law tail fitted
   // at ingest: (n_tail / n) * (α-1)/x_min * (λ/x_min)^-α. Log axes are labelled at decades only.
   function drawSpectrum(chart) {
-    const logAxis = (title) => ({type: "log", dtick: 1, exponentformat: "power", title: {text: title}});
+    // Ticks at whole decades; a range narrower than two decades would show at most one, so plotly picks them there.
+    const logAxis = (title, values) => {
+      const positive = values.filter((v) => v > 0);
+      const wide = Math.log10(Math.max(...positive) / Math.min(...positive)) >= 2;
+      return {type: "log", dtick: wide ? 1 : undefined, exponentformat: "power", title: {text: title}};
+    };
     withChoice(chart, (m) => {
       const matrix = chart.matrices[m];
       const n = matrix.steps.length;
@@ -236,7 +241,8 @@
         });
       });
       react(plotDiv(chart, 0), traces, baseLayout({
-        height: 400, xaxis: logAxis("eigenvalue λ = σ²"), yaxis: logAxis("density"),
+        height: 400, xaxis: logAxis("eigenvalue λ = σ²", traces.flatMap((t) => t.x)),
+        yaxis: logAxis("density", traces.flatMap((t) => t.y)),
       }));
     });
   }
