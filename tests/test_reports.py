@@ -6,30 +6,36 @@ skipped, with that reason, where they are absent.
 
 from __future__ import annotations
 
+import base64
 import html
 import json
 import math
 import os
 import re
 import shutil
+import subprocess
 import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pytest
+import torch
 from click.testing import CliRunner
 
 import ckptscope
 from ckptscope.cli import main
 from ckptscope.errors import CkptscopeError
-from ckptscope.reports import build_report, plot_metric
+from ckptscope.reports import build_report, metric_figure, plot_metric
 from ckptscope.reports import queries as q
 from runs import neox_state, trajectory, write_run
 
 XSS = "<script>alert(1)</script>"
 NAN_TENSOR = "gpt_neox.layers.0.mlp.dense_4h_to_h.weight"
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
+PDFTOTEXT = shutil.which("pdftotext")
+STEP_AXIS = "step (log scale of step + 1)"  # the title of every step axis in the report
 DEMO_SUITE = Path(ckptscope.__file__).parent / "demo_suite"
 DOCS_PNG = Path(__file__).resolve().parents[1] / "docs" / "report.png"
 
@@ -67,6 +73,48 @@ def two_models(tmp_path_factory) -> Path:
 def cka(depth: float, progress: float) -> float:
     """Synthetic CKA to the final checkpoint at relative depth `depth`: 1 at the end, deeper layers settle later."""
     return 1 - 0.5 * (1 - progress) ** (1 + 3 * (1 - depth))
+
+
+def gpt2_state(seed: int = 0) -> tuple[dict[str, torch.Tensor], dict]:
+    """A tiny real GPT-2 (untied head): two embeddings without a layer (wte, wpe), lm_head, ln_1/ln_2 per layer."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    cfg = GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=96, n_positions=64, tie_word_embeddings=False,
+                     bos_token_id=0, eos_token_id=0)
+    state = {k: v.detach().clone().contiguous() for k, v in GPT2LMHeadModel(cfg).named_parameters()}
+    config = cfg.to_dict()
+    config["architectures"] = ["GPT2LMHeadModel"]
+    return state, config
+
+
+@pytest.fixture(scope="module")
+def gpt2_store(tmp_path_factory) -> Path:
+    base = tmp_path_factory.mktemp("gpt2")
+    state, config = gpt2_state()
+    root = write_run(base / "run", trajectory(state, [0, 1, 2, 4, 8, 16], seed=5, scale=0.05), config)
+    store = base / "gpt2.duckdb"
+    ckptscope.ingest(root, store=store, name="gpt2-tiny", tokens_per_step=1024)
+    return store
+
+
+def stored_series(store: Path, metric: str, where: str) -> dict[str, list[float]]:
+    """tensor -> values by step, straight from metric_values (not through the report's queries)."""
+    with ckptscope.Store(store, read_only=True) as db:
+        df = db.sql(f"SELECT tensor, step, value FROM metric_values WHERE metric = '{metric}' AND {where} ORDER BY tensor, step")
+    return {t: g["value"].to_list() for (t,), g in df.partition_by("tensor", as_dict=True, maintain_order=True).items()}
+
+
+def report_payload(report: Path) -> list[dict]:
+    return json.loads(re.search(r'<script type="application/json" id="report-data">(.*?)</script>', report.read_text(), re.S)[1])
+
+
+def unpack(b64: str, shape: tuple[int, ...]) -> np.ndarray:
+    """The inverse of html._pack, written out again: byte planes 1-3 of little-endian float32."""
+    planes = np.frombuffer(base64.b64decode(b64), dtype=np.uint8).reshape(3, -1)
+    out = np.zeros((planes.shape[1], 4), dtype=np.uint8)
+    out[:, 1:] = planes.T
+    return out.view("<f4").reshape(shape)
 
 
 @pytest.fixture(scope="module")
@@ -138,6 +186,7 @@ def browser():
         options.add_argument(arg)
     options.set_capability("goog:loggingPrefs", {"browser": "ALL", "performance": "ALL"})
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    driver.set_script_timeout(30)
     yield driver
     driver.quit()
 
@@ -185,7 +234,7 @@ def section_titles(driver) -> list[str]:
 
 def test_one_model_report(one_model, browser, tmp_path):
     report = build_report(one_model, tmp_path / "one.html")
-    assert report.stat().st_size < 4_000_000
+    assert report.stat().st_size < 6_000_000  # plotly.js (4.8 MB, embedded uncompressed) and the data
     info = open_report(browser, report, tmp_path / "one.png")
     # overview + per metric (heatmap + lines) for the 6 default metrics + spectrum
     assert_renders_cleanly(info, tmp_path / "one.png", min_charts=1 + 2 * 6 + 1)
@@ -284,7 +333,7 @@ def test_store_text_is_escaped(xss_store, browser, tmp_path):
     assert XSS in browser.execute_script("return document.querySelector('#model-0 h2').textContent")
     ticks = browser.execute_script("return Array.from(document.querySelectorAll('#chart1-0 .ytick text'), (t) => t.textContent)")
     assert ticks == [XSS]
-    assert browser.execute_script("return document.querySelectorAll('script').length") == 4  # plotly blob, data, report.js, plotly
+    assert browser.execute_script("return document.querySelectorAll('script').length") == 3  # plotly, data, report.js
 
 
 @pytest.mark.skipif(os.environ.get("CKPTSCOPE_DOCS_SCREENSHOT") != "1" or not (DEMO_SUITE / "step0").is_dir(),
@@ -319,10 +368,11 @@ def test_filters_narrow_the_report(two_models, tmp_path):
     report = build_report(two_models, tmp_path / "f.html", models=["deep-4L"], metrics=["alpha"], components=["mlp.in"])
     payload = json.loads(re.search(r'<script type="application/json" id="report-data">(.*?)</script>', report.read_text(), re.S)[1])
     layers = [c for c in payload if c["type"] == "layers"]
-    assert [(c["model"], c["metric"], c["components"]) for c in layers] == [("deep-4L", "alpha", ["mlp.in"])]
+    assert [(c["model"], c["metric"], [s["component"] for s in c["series"]]) for c in layers] == [("deep-4L", "alpha", ["mlp.in"])]
     assert layers[0]["layers"] == [0, 1, 2, 3] and layers[0]["steps"] == [0, 2, 8, 32, 64]
     assert not any(c["type"] == "compare" for c in payload)
-    assert [c["component"] for c in payload if c["type"] == "spectrum"] == ["mlp.in"]
+    [spectrum] = [c for c in payload if c["type"] == "spectrum"]
+    assert {m["component"] for m in spectrum["matrices"]} == {"mlp.in"} and len(spectrum["matrices"]) == 4
     with pytest.raises(CkptscopeError, match="metric.*nope not in the store.*alpha"):
         build_report(two_models, tmp_path / "x.html", metrics=["nope"])
     with pytest.raises(CkptscopeError, match="model.*ghost not in the store; it has: deep-4L, shallow-2L"):
@@ -372,3 +422,135 @@ def test_cli_report_and_plot(two_models, tmp_path):
     assert png.read_bytes()[:4] == b"\x89PNG"
     result = CliRunner().invoke(main, ["plot", "alpha", "--store", str(two_models), "-o", str(png)])
     assert result.exit_code == 1 and "--model" in result.output
+
+
+# -- one series per tensor (GPT-2: wte and wpe are both `embed`, ln_1 and ln_2 both `norm`) --------
+
+def test_plot_draws_one_line_per_tensor(gpt2_store, tmp_path):
+    embed = stored_series(gpt2_store, "stable_rank", "component = 'embed'")
+    assert sorted(embed) == ["transformer.wpe.weight", "transformer.wte.weight"]
+    [ax] = [a for a in metric_figure(gpt2_store, "stable_rank", component="embed").axes if a.get_title() == "embed"]
+    lines = {line.get_label(): list(line.get_ydata()) for line in ax.get_lines()}
+    assert lines.keys() == embed.keys()
+    for tensor, values in embed.items():
+        assert lines[tensor] == pytest.approx(values, rel=1e-12)
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == sorted(embed)
+
+    # norm: ln_1/ln_2 weight/bias at each of 2 layers, and ln_f without a layer; the legend names the patterns
+    norm = stored_series(gpt2_store, "l2_norm", "component = 'norm'")
+    assert len(norm) == 10
+    [ax] = [a for a in metric_figure(gpt2_store, "l2_norm", component="norm").axes if a.get_title() == "norm"]
+    lines = {line.get_label(): list(line.get_ydata()) for line in ax.get_lines()}
+    assert lines.keys() == norm.keys()
+    for tensor, values in norm.items():
+        assert lines[tensor] == pytest.approx(values, rel=1e-12)
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert legend == [f"transformer.h.*.{n}" for n in ("ln_1.bias", "ln_1.weight", "ln_2.bias", "ln_2.weight")] + \
+        ["transformer.ln_f.bias", "transformer.ln_f.weight"]
+
+    result = CliRunner().invoke(main, ["plot", "stable_rank", "--store", str(gpt2_store), "--component", "embed",
+                                       "-o", str(tmp_path / "embed.svg")])
+    assert result.exit_code == 0, result.output
+    svg = (tmp_path / "embed.svg").read_text()
+    assert "transformer.wpe.weight" in svg and "transformer.wte.weight" in svg
+
+
+def test_report_series_per_tensor(gpt2_store, tmp_path):
+    payload = report_payload(build_report(gpt2_store, tmp_path / "gpt2.html", metrics=["stable_rank", "l2_norm"]))
+    [norms] = [c for c in payload if c["type"] == "layers" and c["metric"] == "l2_norm" and
+               {s["component"] for s in c["series"]} >= {"norm"}]
+    grid = unpack(norms["values"], (len(norms["series"]), len(norms["layers"]), len(norms["steps"])))
+    stored = stored_series(gpt2_store, "l2_norm", "layer IS NOT NULL")
+    assert len(stored) == len(norms["series"]) * len(norms["layers"]) == 16  # 2 layers x (4 norm + 4 bias) tensors
+    for i, series in enumerate(norms["series"]):
+        for j, layer in enumerate(norms["layers"]):
+            tensor = series["pattern"].replace(".*.", f".{layer}.")
+            assert grid[i, j].tolist() == pytest.approx(stored[tensor], rel=2e-5, abs=1e-30), tensor
+    # the layer-less tensors: one series each, for every metric that has them
+    layerless = {c["metric"]: c for c in payload if c["type"] == "tensors"}
+    assert layerless.keys() == {"stable_rank", "l2_norm"}
+    for metric, chart in layerless.items():
+        stored = stored_series(gpt2_store, metric, "layer IS NULL")
+        assert {s["tensor"]: s["values"] for s in chart["series"]} == pytest.approx(stored, rel=1e-12)
+    assert {(s["tensor"], s["component"]) for s in layerless["stable_rank"]["series"]} == {
+        ("transformer.wte.weight", "embed"), ("transformer.wpe.weight", "embed"), ("lm_head.weight", "unembed")}
+
+
+# -- printing and headless capture, without --virtual-time-budget -------------------------------
+
+def chromium_headless(*args: str) -> None:
+    subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", *args],
+                   check=True, capture_output=True, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def gpt2_report(gpt2_store, tmp_path_factory) -> Path:
+    return build_report(gpt2_store, tmp_path_factory.mktemp("gpt2-report") / "gpt2.html")
+
+
+@pytest.mark.skipif(not (CHROMIUM and PDFTOTEXT), reason="needs chromium and pdftotext (Debian: apt-get install chromium poppler-utils)")
+def test_print_to_pdf_draws_every_chart(gpt2_report, tmp_path):
+    pdf = tmp_path / "report.pdf"
+    chromium_headless(f"--print-to-pdf={pdf}", "--no-pdf-header-footer", gpt2_report.as_uri())
+    pages = subprocess.run([PDFTOTEXT, "-layout", str(pdf), "-"], check=True, capture_output=True, text=True).stdout.split("\f")
+    text = "\n".join(pages)
+    payload = report_payload(gpt2_report)
+    step_axes = sum({"checkpoints": 1, "layers": 2, "tensors": 1}.get(c["type"], 0) for c in payload)
+    assert "Drawing charts" not in text and f"{len(payload)} charts drawn." in text
+    assert text.count(STEP_AXIS) == step_axes >= 13  # every step axis is drawn, so every chart
+    # a chart is not split across pages: its title and its axes are on one page
+    spectrum = next(p for p in pages if "gpt2-tiny: eigenvalue spectra" in p)
+    assert "eigenvalue λ = σ²" in spectrum and "density" in spectrum
+    for chart in (c for c in payload if c["type"] == "tensors"):
+        page = next(p for p in pages if f"{chart['metric']}: tensors without a layer" in p)
+        assert STEP_AXIS in page and "transformer.wte.weight (embed)" in page
+
+
+@pytest.mark.skipif(not CHROMIUM, reason="headless Chromium is not installed (Debian: apt-get install chromium)")
+def test_screenshot_shows_drawn_charts(gpt2_report, tmp_path):
+    from PIL import Image
+
+    png = tmp_path / "shot.png"
+    chromium_headless(f"--screenshot={png}", "--window-size=1400,2000", gpt2_report.as_uri())
+    pixels = np.asarray(Image.open(png).convert("RGB")).astype(int)
+    # Charts are the only saturated colour on the page (heatmaps, lines, markers); text and frames are grey.
+    colourful = int(((pixels.max(axis=2) - pixels.min(axis=2)) > 80).sum())
+    assert colourful > 50_000, colourful
+
+
+def test_spectrum_decade_ticks_and_matrix_selector(gpt2_store, gpt2_report, browser, tmp_path):
+    info = open_report(browser, gpt2_report, tmp_path / "spectra.png")
+    assert_renders_cleanly(info, tmp_path / "spectra.png", min_charts=20)
+    [spectrum] = [c for c in report_payload(gpt2_report) if c["type"] == "spectrum"]
+    div = browser.execute_script("return document.querySelector('#spectra div.plot').id")
+    ticks = browser.execute_script(
+        "const l = document.getElementById(arguments[0])._fullLayout;"
+        "return ['xaxis', 'yaxis'].map((a) => l[a]._vals.map((v) => [v.x, v.text]));", div)
+    for axis in ticks:  # log axes: positions are log10(value); labelled at whole decades only
+        assert len(axis) >= 2 and all(float(x).is_integer() and text for x, text in axis), axis
+    labels = [m["tensor"] + f" ({m['component']})" for m in spectrum["matrices"]]
+    options = browser.execute_script("return Array.from(document.querySelectorAll('#spectra select option'), (o) => o.text)")
+    assert options == labels and "transformer.wte.weight (embed)" in options and "lm_head.weight (unembed)" in options
+
+    def drawn() -> list[dict]:
+        return browser.execute_script("return document.getElementById(arguments[0]).data.map((t) => ({name: t.name, "
+                                      "x: Array.from(t.x), y: Array.from(t.y)}))", div)
+
+    first = drawn()
+    browser.execute_script("const s = document.querySelector('#spectra select'); s.value = 'transformer.wte.weight (embed)';"
+                           "s.dispatchEvent(new Event('change'));")
+    wte = drawn()
+    assert wte != first
+    hover = browser.execute_script("const gd = document.getElementById(arguments[0]); Plotly.Fx.hover(gd, [{curveNumber: 0, "
+                                   "pointNumber: 0}]); return gd.querySelector('.hoverlayer').textContent;", div)
+    assert "tensor: transformer.wte.weight" in hover and "component: embed" in hover
+    # Independently of the report's SQL: wte is 96 x 32, so each step's density integrates over its bins to 1.
+    with ckptscope.Store(gpt2_store, read_only=True) as db:
+        shape = db.sql("SELECT DISTINCT rows, cols FROM spectra WHERE tensor = 'transformer.wte.weight' AND kind = 'weight'").rows()
+    assert sorted(shape[0]) == [32, 96]
+    histograms = [t for t in wte if t["name"].startswith("step ")]
+    assert len(histograms) == len({s["step"] for m in spectrum["matrices"] for s in m["steps"]})
+    for trace in histograms:
+        bins = np.round(np.log10(trace["x"]) * q.BINS_PER_DECADE - 0.5)
+        widths = 10 ** ((bins + 1) / q.BINS_PER_DECADE) - 10 ** (bins / q.BINS_PER_DECADE)
+        assert float(np.dot(trace["y"], widths)) == pytest.approx(1.0, rel=1e-3)  # densities sent to 4 digits

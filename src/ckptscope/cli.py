@@ -407,7 +407,7 @@ def report(store, models, metrics, components, output):
 @click.option("--output", "-o", type=click.Path(path_type=Path), required=True, help="Figure file: .png, .svg or .pdf.")
 @_friendly
 def plot(metric, store, model, component, output):
-    """Save a static figure of METRIC against step, one line per layer."""
+    """Save a static figure of METRIC against step, one line per tensor."""
     from ckptscope.reports import plot_metric
 
     path = plot_metric(store or default_store_path(), metric, output, model=model, component=component)

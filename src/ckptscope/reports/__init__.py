@@ -5,6 +5,6 @@ print it next to its chart.
 """
 
 from ckptscope.reports.html import build_report
-from ckptscope.reports.plot import plot_metric
+from ckptscope.reports.plot import metric_figure, plot_metric
 
-__all__ = ["build_report", "plot_metric"]
+__all__ = ["build_report", "metric_figure", "plot_metric"]

@@ -1,10 +1,11 @@
 """`build_report`: one self-contained HTML file with the figures of a training-dynamics paper.
 
-The file must open offline and make no network request, so plotly.js is embedded in it
-(gzip-compressed and base64-encoded: 1.9 MB instead of 4.8 MB; the page inflates it with the
-browser's DecompressionStream). Figures are drawn in the browser by `report.js` from one JSON
-payload. Per-layer grids, the bulk of a report, travel packed (see `_pack`) at under 3 bytes a
-value, so a suite of several models x hundreds of steps x every layer stays a few MB.
+The file must open offline and make no network request, so plotly.js is embedded in it. It is
+embedded as is (4.8 MB), not compressed (1.9 MB as gzip + base64): browsers only inflate
+asynchronously, and a page that draws after its load event prints and screenshots as empty frames
+(headless `--print-to-pdf` and `--screenshot` do not wait). So `report.js` draws every chart
+synchronously, from one JSON payload, while the page is parsed. Per-layer grids, the bulk of a
+report, travel packed (see `_pack`) at 4 base64 characters a value.
 Everything that comes from the store reaches the page either through Jinja's autoescaping or
 inside that JSON, whose `<`, `>` and `&` are \\u-escaped so no model name can close the
 `<script>` holding it.
@@ -14,7 +15,6 @@ from __future__ import annotations
 
 import base64
 import functools
-import gzip
 import json
 import math
 import re
@@ -49,7 +49,9 @@ class Chart:
     sql: list[str]
     spec: dict[str, Any]
     plots: int = 1
-    components: list[str] = field(default_factory=list)  # choices of the component selector
+    choices: list[str] = field(default_factory=list)  # options of the chart's selector, in payload order
+    choice_name: str = "component"  # what the selector chooses (its label)
+    chosen: int = 0  # the option shown first
 
 
 @dataclass
@@ -86,12 +88,12 @@ def build_report(store: Path | str, output: Path | str, *, models: Sequence[str]
         overview = builder.overview()
         sections = builder.sections()
     charts = [overview.checkpoints, *(c for s in sections for c in s.charts)]
-    plotly_version, plotly_gz = _plotly()
+    plotly_version, plotly_js = _plotly()
     html = _template().render(
         store=str(store), generated=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         ckptscope_version=version("ckptscope"), plotly_version=plotly_version, sel=sel,
         overview=overview, anomaly_limit=ANOMALY_ROWS, sections=sections,
-        css=Markup(_asset("report.css")), js=Markup(_asset("report.js")), plotly_gz=Markup(plotly_gz),
+        css=Markup(_asset("report.css")), js=Markup(_asset("report.js")), plotly_js=Markup(plotly_js),
         payload=Markup(_script_json([{"id": c.id, **c.spec} for c in charts])),
     )
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -162,9 +164,13 @@ class _Builder:
         return self._chart(chart.title, chart.caption, [chart.sql], spec)
 
     def _model_section(self, model: str) -> Section:
-        charts = [c for metric in self.sel.metrics if (c := self._layer_chart(model, metric, self.sel.components))]
+        charts = [c for metric in self.sel.metrics
+                  for c in (self._layer_chart(model, metric, self.sel.components),
+                            self._layerless_chart(model, metric, self.sel.components)) if c]
         intro = ("Each metric as a layer × step heatmap and as one line per layer, for the component chosen above "
-                 "the charts. Values are averaged when a layer holds several tensors of one component.")
+                 "the charts; where a layer holds several tensors of one component (a norm's weight and bias), each "
+                 "tensor is a choice of its own, named with the layer as *. Tensors without a layer (embeddings, "
+                 "unembedding, final norm) follow, one line per tensor.")
         return Section(f"model-{self.sel.models.index(model)}", f"Layers over training: {model}", intro, charts)
 
     def _layer_chart(self, model: str, metric: str, components: Sequence[str] | None) -> Chart | None:
@@ -173,13 +179,31 @@ class _Builder:
         if not df.height:
             return None
         steps = df.group_by("step").agg(pl.col("tokens").first()).sort("step")
-        comps = q.ordered_components(df["component"].unique().to_list())
+        patterns = df.group_by("component").agg(pl.col("pattern").unique().sort())
+        by_component = dict(zip(patterns["component"], patterns["pattern"]))
+        series = [(c, p) for c in q.ordered_components(list(by_component)) for p in by_component[c]]
+        # A component is its own choice when each layer holds one tensor of it; else one choice per tensor pattern.
+        labels = [c if len(by_component[c]) == 1 else f"{c}: {p}" for c, p in series]
         layers = sorted(df["layer"].unique().to_list())
-        grid = _dense(df, {"component": comps, "layer": layers, "step": steps["step"].to_list()})
+        keyed = df.with_columns(series=pl.concat_str("component", "pattern", separator="\x00"))
+        grid = _dense(keyed, {"series": [f"{c}\x00{p}" for c, p in series], "layer": layers, "step": steps["step"].to_list()})
         spec = {"type": "layers", "model": model, "metric": metric, "steps": steps["step"].to_list(),
-                "tokens": steps["tokens"].to_list(), "layers": layers, "components": comps, "values": _pack(grid)}
+                "tokens": steps["tokens"].to_list(), "layers": layers,
+                "series": [{"component": c, "pattern": p} for c, p in series], "values": _pack(grid)}
         return self._chart(metric, f"{metric} of {model}: heatmap (layer × step) and one line per layer.",
-                           [sql], spec, plots=2, components=comps)
+                           [sql], spec, plots=2, choices=labels)
+
+    def _layerless_chart(self, model: str, metric: str, components: Sequence[str] | None) -> Chart | None:
+        sql = q.layerless_sql(model, metric, components)
+        df = self.db.sql(sql)
+        if not df.height:
+            return None
+        series = [{"component": comp, "tensor": tensor, "steps": g["step"].to_list(), "tokens": g["tokens"].to_list(),
+                   "values": _floats(g["value"])}
+                  for (comp, tensor), g in df.partition_by("component", "tensor", as_dict=True, maintain_order=True).items()]
+        return self._chart(f"{metric}: tensors without a layer", f"{metric} of {model} for each tensor outside the "
+                           "layers (embeddings, unembedding, final norm), one line per tensor.", [sql],
+                           {"type": "tensors", "model": model, "metric": metric, "series": series})
 
     def _compare_section(self) -> Section:
         charts = []
@@ -200,7 +224,7 @@ class _Builder:
                                "values": _pack(grid)})
             spec = {"type": "compare", "metric": metric, "components": comps, "bins": q.DEPTH_BINS, "series": series}
             charts.append(self._chart(metric, f"{metric}: one panel per quarter of relative depth, one line per model.",
-                                      [sql], spec, components=comps))
+                                      [sql], spec, choices=comps))
         intro = (f"Models of different depth and length on shared axes: layers are pooled into {q.DEPTH_BINS} bins of "
                  "relative depth (layer / number of layers) and averaged; the x axis is training progress "
                  "(step / last step ingested), from the `layer_metrics` view.")
@@ -241,43 +265,52 @@ class _Builder:
 
     def _spectra_section(self) -> Section:
         charts = [c for model in self.sel.models if (c := self._spectrum_chart(model))]
-        intro = ("Density of the eigenvalues λ = σ² of one weight matrix (a middle layer) at several steps, in "
-                 f"log-spaced bins ({q.BINS_PER_DECADE} per decade), with the fitted power-law tail: density ∝ λ^−α "
-                 "above x_min (metrics `alpha`, `alpha_xmin`), scaled by the fraction of eigenvalues in the tail "
-                 "(`num_pl_spikes`).")
+        intro = ("Density of the eigenvalues λ = σ² of one weight matrix, chosen above the chart (first shown: a middle "
+                 f"layer), at several steps, in log-spaced bins ({q.BINS_PER_DECADE} per decade), with the fitted "
+                 "power-law tail: density ∝ λ^−α above x_min (metrics `alpha`, `alpha_xmin`), scaled by the fraction "
+                 "of eigenvalues in the tail (`num_pl_spikes`).")
         return Section("spectra", "Spectra", intro, charts)
 
     def _spectrum_chart(self, model: str) -> Chart | None:
+        """Every matrix of `model` with a spectrum, at up to SPECTRUM_STEPS steps; the selector picks one."""
         candidates = self.db.sql(q.spectrum_candidates_sql(model, self.sel.components))
         if not candidates.height:
             return None
-        tensor, component, layer = _pick_tensor(candidates)
-        available = self.db.sql(q.spectrum_steps_sql(model, tensor, component))["step"].to_list()
-        steps = _spread(available, SPECTRUM_STEPS)
-        hist_sql, fit_sql = q.spectrum_sql(model, tensor, component, steps), q.spectrum_fit_sql(model, tensor, component, steps)
+        comps = self.sel.components
+        steps = _spread(self.db.sql(q.spectrum_steps_sql(model, comps))["step"].to_list(), SPECTRUM_STEPS)
+        hist_sql, fit_sql = q.spectrum_sql(model, comps, steps), q.spectrum_fit_sql(model, comps, steps)
         hist, fit = self.db.sql(hist_sql), self.db.sql(fit_sql)
-        fits = {r["step"]: r for r in fit.iter_rows(named=True)}
-        per_step = []
-        for (step,), g in hist.partition_by("step", as_dict=True, maintain_order=True).items():
-            f = fits.get(step, {})
-            per_step.append({"step": step, "tokens": f.get("tokens"), "eigenvalue": _floats(g["eigenvalue"]),
-                             "density": _floats(g["density"]), "total": g["total"][0], "ev_max": g["ev_max"][0],
-                             "alpha": _finite(f.get("alpha")), "xmin": _finite(f.get("alpha_xmin")),
-                             "n_tail": _finite(f.get("num_pl_spikes"))})
-        spec = {"type": "spectrum", "model": model, "tensor": tensor, "component": component, "layer": layer, "steps": per_step}
-        return self._chart(f"{model}: {tensor} ({component})",
-                           f"Eigenvalue density of {tensor} ({component}, layer {layer}) at steps "
-                           f"{', '.join(map(str, steps))}; dashed: fitted power-law tail.", [hist_sql, fit_sql], spec)
+        fits = {(r["tensor"], r["component"], r["step"]): r for r in fit.iter_rows(named=True)}
+        per_matrix: dict[tuple[str, str], list[dict[str, Any]]] = {}
+        for (tensor, component, step), g in hist.partition_by("tensor", "component", "step", as_dict=True,
+                                                               maintain_order=True).items():
+            f = fits.get((tensor, component, step), {})
+            per_matrix.setdefault((tensor, component), []).append({
+                "step": step, "tokens": f.get("tokens"), "eigenvalue": _floats(g["eigenvalue"], 4),
+                "density": _floats(g["density"], 4), "total": g["total"][0], "ev_max": g["ev_max"][0],
+                "alpha": _finite(f.get("alpha")), "xmin": _finite(f.get("alpha_xmin")), "n_tail": _finite(f.get("num_pl_spikes"))})
+        rows = [r for r in candidates.iter_rows(named=True) if (r["tensor"], r["component"]) in per_matrix]
+        matrices = [{"tensor": r["tensor"], "component": r["component"], "layer": r["layer"],
+                     "steps": per_matrix[(r["tensor"], r["component"])]} for r in rows]
+        picked = _pick_tensor(candidates)
+        chosen = rows.index(picked) if picked in rows else 0
+        spec = {"type": "spectrum", "model": model, "matrices": matrices}
+        return self._chart(f"{model}: eigenvalue spectra",
+                           f"Eigenvalue density of the chosen matrix at steps {', '.join(map(str, steps))}; "
+                           "dashed: fitted power-law tail.", [hist_sql, fit_sql], spec,
+                           choices=[f"{r['tensor']} ({r['component']})" for r in rows], choice_name="matrix", chosen=chosen)
 
 
-def _pick_tensor(candidates: pl.DataFrame) -> tuple[str, str, int]:
-    """A representative matrix: the first component in q.COMPONENT_ORDER, at the middle layer."""
-    component = q.ordered_components(candidates["component"].unique().to_list())[0]
-    rows = candidates.filter(pl.col("component") == component)
+def _pick_tensor(candidates: pl.DataFrame) -> dict[str, Any]:
+    """A representative matrix: the first component in q.COMPONENT_ORDER, at the middle layer (any, if none has a layer)."""
+    layered = candidates.filter(pl.col("layer").is_not_null())
+    if not layered.height:
+        return candidates.row(0, named=True)
+    component = q.ordered_components(layered["component"].unique().to_list())[0]
+    rows = layered.filter(pl.col("component") == component)
     layers = sorted(rows["layer"].unique().to_list())
     layer = layers[len(layers) // 2]
-    row = rows.filter(pl.col("layer") == layer).sort("steps", "tensor", descending=[True, False]).row(0, named=True)
-    return row["tensor"], component, layer
+    return rows.filter(pl.col("layer") == layer).sort("steps", "tensor", descending=[True, False]).row(0, named=True)
 
 
 def _spread(steps: list[int], k: int) -> list[int]:
@@ -298,21 +331,27 @@ def _dense(df: pl.DataFrame, axes: dict[str, list]) -> np.ndarray:
 
 
 def _pack(grid: np.ndarray) -> str:
-    """float32 values rounded to 16 significant bits (about 5 digits), as gzip + base64.
+    """float32 values rounded to 16 significant bits (about 5 digits), as base64 of 3 bytes each.
 
     Each value's lowest mantissa byte is dropped and the three kept bytes are stored as planes
-    (byte 1 of every value, then byte 2, then byte 3), which lets gzip halve the size of a grid;
-    report.js restores little-endian float32 with a zero low byte. NaN (a missing value) survives.
+    (byte 1 of every value, then byte 2, then byte 3); report.js restores little-endian float32
+    with a zero low byte. NaN (a missing value) survives. Not gzip-compressed (which would halve
+    it): the browser can only inflate asynchronously, and charts must be drawn synchronously.
     """
     bits = grid.astype("<f4").view("<u4").astype(np.uint64)
     rounded = ((bits + 0x80) & 0xFFFFFF00).astype("<u4")
     planes = np.ascontiguousarray(rounded.view(np.uint8).reshape(-1, 4)[:, 1:].T)
-    return base64.b64encode(gzip.compress(planes.tobytes(), compresslevel=6, mtime=0)).decode("ascii")
+    return base64.b64encode(planes.tobytes()).decode("ascii")
 
 
-def _floats(series: pl.Series) -> list[float | None]:
-    """JSON-ready values: NaN and infinities become null (JSON has no NaN)."""
-    return [_finite(v) for v in series.to_list()]
+def _floats(series: pl.Series, digits: int | None = None) -> list[float | None]:
+    """JSON-ready values: NaN and infinities become null (JSON has no NaN).
+
+    `digits` rounds to that many significant digits, for bulky data drawn at screen resolution
+    (the spectra of every matrix): a quarter of the JSON of full float64 text.
+    """
+    values = [_finite(v) for v in series.to_list()]
+    return values if digits is None else [v if v is None else float(f"{v:.{digits}g}") for v in values]
 
 
 def _finite(value: float | None) -> float | None:
@@ -333,10 +372,15 @@ def _asset(name: str) -> str:
 
 @functools.cache
 def _plotly() -> tuple[str, str]:
-    """The version of plotly.min.js in the installed plotly package, and the file gzip-compressed, base64-encoded."""
-    js = files("plotly").joinpath("package_data", "plotly.min.js").read_bytes()
-    found = re.search(rb"plotly\.js v([\w.-]+)", js[:500])
-    return (found[1].decode() if found else "?"), base64.b64encode(gzip.compress(js, compresslevel=9, mtime=0)).decode("ascii")
+    r"""The version of plotly.min.js in the installed plotly package, and its text, safe inside <script>.
+
+    `</script` would end the element and `<!--` would change how the parser reads the rest; in
+    JavaScript `<\/` and `<\!` mean the same as `</` and `<!` inside the strings and regexes where they can occur.
+    """
+    js = files("plotly").joinpath("package_data", "plotly.min.js").read_text(encoding="utf-8")
+    found = re.search(r"plotly\.js v([\w.-]+)", js[:500])
+    js = re.sub(r"</(script)", r"<\\/\1", js, flags=re.I).replace("<!--", "<\\!--")
+    return (found[1] if found else "?"), js
 
 
 @functools.cache

@@ -15,6 +15,7 @@ import polars as pl
 from matplotlib.cm import ScalarMappable
 from matplotlib.colors import BoundaryNorm
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 
 from ckptscope.errors import CkptscopeError
 from ckptscope.reports import queries as q
@@ -22,18 +23,32 @@ from ckptscope.store.db import Store
 
 FORMATS = (".png", ".svg", ".pdf")
 PANEL_COLUMNS = 3
+LINE_STYLES = ("-", "--", ":", "-.", (0, (5, 1, 1, 1, 1, 1)), (0, (1, 3)))
+NO_LAYER_COLORS = ("black", "tab:red", "tab:brown", "tab:gray", "tab:pink", "tab:olive")  # not viridis, so not read as a layer
 
 
 def plot_metric(store: Path | str, metric: str, output: Path | str, *, model: str | None = None,
                 component: str | None = None) -> Path:
-    """Plot `metric` against step (symmetric-log x, so step 0 shows) with one line per layer.
-
-    One panel per component unless `component` is given; tensors without a layer (embeddings,
-    final norm) are dashed black lines. The format follows the extension of `output`.
-    """
+    """Save `metric_figure` to `output`; the format follows its extension (.png, .svg, .pdf)."""
     output = Path(output)
     if output.suffix.lower() not in FORMATS:
         raise CkptscopeError(f"cannot tell the figure format of {output}; end the name with {', '.join(FORMATS)}")
+    fig = metric_figure(store, metric, model=model, component=component)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    # No date in the metadata: the same store gives byte-identical SVG/PDF files.
+    metadata = {"Date": None} if output.suffix.lower() in (".svg", ".pdf") else None
+    fig.savefig(output, dpi=200, metadata=metadata)
+    return output
+
+
+def metric_figure(store: Path | str, metric: str, *, model: str | None = None, component: str | None = None) -> Figure:
+    """`metric` against step (symmetric-log x, so step 0 shows), one line per tensor, never a mean of several.
+
+    One panel per component unless `component` is given. Lines are coloured by layer; where a
+    component holds several tensors per layer (ln_1 and ln_2, weight and bias) each tensor
+    pattern gets its own line style, named in the legend. Tensors without a layer (wte, wpe,
+    lm_head, the final norm) are dashed lines labelled with their names.
+    """
     with Store(store, read_only=True) as db:
         models = q.store_models(db)
         if model is None:
@@ -45,12 +60,7 @@ def plot_metric(store: Path | str, metric: str, output: Path | str, *, model: st
     if not df.height:
         raise CkptscopeError(f"model {model} has no {metric} values for component {component}; "
                              "`ckptscope sql` on the metrics view shows which components have it")
-    fig = _figure(df, model, metric)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    # No date in the metadata: the same store gives byte-identical SVG/PDF files.
-    metadata = {"Date": None} if output.suffix.lower() in (".svg", ".pdf") else None
-    fig.savefig(output, dpi=200, metadata=metadata)
-    return output
+    return _figure(df, model, metric)
 
 
 def _figure(df: pl.DataFrame, model: str, metric: str) -> Figure:
@@ -64,12 +74,23 @@ def _figure(df: pl.DataFrame, model: str, metric: str) -> Figure:
     top = max_layer if max_layer is not None else 0
     mappable = ScalarMappable(BoundaryNorm(np.arange(-0.5, top + 1.5), 256), "viridis")
     for ax, comp in zip(axes, components):
-        for (layer,), line in df.filter(pl.col("component") == comp).partition_by("layer", as_dict=True, maintain_order=True).items():
-            if layer is None:
-                ax.plot(line["step"], line["value"], color="black", ls="--", lw=1.2, label=f"{comp} (no layer)")
-                ax.legend(fontsize=8, frameon=False)
-            else:
-                ax.plot(line["step"], line["value"], color=mappable.to_rgba(layer), lw=1.2)
+        rows_ = df.filter(pl.col("component") == comp)
+        layered = rows_.filter(pl.col("layer").is_not_null())
+        patterns = sorted(layered["pattern"].unique().to_list())
+        handles = []
+        for i, pattern in enumerate(patterns):
+            style = LINE_STYLES[i % len(LINE_STYLES)]
+            for (tensor,), line in layered.filter(pl.col("pattern") == pattern).partition_by(
+                    "tensor", as_dict=True, maintain_order=True).items():
+                ax.plot(line["step"], line["value"], color=mappable.to_rgba(line["layer"][0]), ls=style, lw=1.2, label=tensor)
+            if len(patterns) > 1:  # the legend names the line styles; the colour bar the layers
+                handles.append(Line2D([], [], color="0.35", ls=style, lw=1.2, label=pattern))
+        layerless = rows_.filter(pl.col("layer").is_null()).partition_by("tensor", as_dict=True, maintain_order=True)
+        for i, ((tensor,), line) in enumerate(layerless.items()):
+            handles.append(ax.plot(line["step"], line["value"], color=NO_LAYER_COLORS[i % len(NO_LAYER_COLORS)],
+                                   ls="--", lw=1.2, label=tensor)[0])
+        if handles:
+            ax.legend(handles=handles, fontsize=7, frameon=False)
         ax.set_xscale("symlog", linthresh=1, linscale=0.4)
         ax.set_xlim(left=0)
         ax.set_title(comp, fontsize=10)

@@ -147,22 +147,47 @@ ORDER BY c.model, c.step"""
 
 # -- per model and metric -------------------------------------------------------------------
 
+def tensor_pattern(layer_column: str = "layer") -> str:
+    """SQL naming a tensor with its layer number starred (`h.3.ln_1.weight` -> `h.*.ln_1.weight`).
+
+    Tensors of one component at one layer (a norm's weight and bias, ln_1 and ln_2) are
+    different matrices: the pattern tells them apart, and joins the same tensor across layers.
+    """
+    # The first `.N.` only, found with strpos: a regex built from each row's layer would be compiled per row.
+    at = f"strpos(tensor, '.' || {layer_column} || '.')"
+    return (f"CASE WHEN {at} > 0 THEN left(tensor, {at}) || '*' || substr(tensor, {at} + length({layer_column}::VARCHAR) + 1) "
+            "ELSE tensor END")
+
+
 def layer_grid_sql(model: str, metric: str, components: Sequence[str] | None) -> str:
-    """One value per (component, layer, step): the mean when a layer holds several such tensors."""
-    return f"""SELECT component, layer, step, any_value(tokens) AS tokens, avg(value) AS value
+    """One value per (component, tensor pattern, layer, step): one matrix each, never a mean of several.
+
+    Only repeated measurements of the same matrix (several analyzer runs) are averaged.
+    """
+    return f"""SELECT component, {tensor_pattern()} AS pattern, layer, step, any_value(tokens) AS tokens,
+       any_value(tensor) AS tensor, avg(value) AS value
 FROM metrics
 WHERE model = {literal(model)} AND metric = {literal(metric)} AND layer IS NOT NULL{_component_filter(components)}
-GROUP BY component, layer, step
-ORDER BY component, layer, step"""
+GROUP BY component, pattern, layer, step
+ORDER BY component, pattern, layer, step"""
+
+
+def layerless_sql(model: str, metric: str, components: Sequence[str] | None) -> str:
+    """Tensors without a layer (embeddings, unembedding, final norm): one series per tensor."""
+    return f"""SELECT component, tensor, step, any_value(tokens) AS tokens, avg(value) AS value
+FROM metrics
+WHERE model = {literal(model)} AND metric = {literal(metric)} AND layer IS NULL{_component_filter(components)}
+GROUP BY component, tensor, step
+ORDER BY component, tensor, step"""
 
 
 def metric_series_sql(model: str, metric: str, component: str | None) -> str:
-    """Like `layer_grid_sql`, but keeping tensors without a layer (embeddings, final norm)."""
-    return f"""SELECT component, layer, step, avg(value) AS value
+    """Every tensor's values, with and without a layer, for static figures: one line per tensor."""
+    return f"""SELECT component, layer, tensor, {tensor_pattern()} AS pattern, step, avg(value) AS value
 FROM metrics
 WHERE model = {literal(model)} AND metric = {literal(metric)}{_component_filter([component] if component else None)}
-GROUP BY component, layer, step
-ORDER BY component, layer NULLS FIRST, step"""
+GROUP BY component, layer, tensor, step
+ORDER BY component, layer NULLS FIRST, tensor, step"""
 
 
 def compare_sql(models: Sequence[str], metric: str, components: Sequence[str] | None) -> str:
@@ -200,45 +225,47 @@ ORDER BY s.model, s.step"""
 # -- spectra --------------------------------------------------------------------------------
 
 def spectrum_candidates_sql(model: str, components: Sequence[str] | None) -> str:
+    """Every matrix of `model` with a stored spectrum, with and without a layer; the report offers each."""
     return f"""SELECT tensor, component, layer, count(DISTINCT step) AS steps
 FROM spectra
-WHERE model = {literal(model)} AND kind = 'weight' AND layer IS NOT NULL{_component_filter(components)}
+WHERE model = {literal(model)} AND kind = 'weight'{_component_filter(components)}
 GROUP BY tensor, component, layer
-ORDER BY layer, component, tensor"""
+ORDER BY layer NULLS FIRST, component, tensor"""
 
 
-def spectrum_steps_sql(model: str, tensor: str, component: str) -> str:
+def spectrum_steps_sql(model: str, components: Sequence[str] | None) -> str:
     return f"""SELECT DISTINCT step FROM spectra
-WHERE model = {literal(model)} AND tensor = {literal(tensor)} AND component = {literal(component)} AND kind = 'weight'
+WHERE model = {literal(model)} AND kind = 'weight'{_component_filter(components)}
 ORDER BY step"""
 
 
-def spectrum_sql(model: str, tensor: str, component: str, steps: Sequence[int]) -> str:
-    """Density of the eigenvalues λ = σ² of W in log-spaced bins (BINS_PER_DECADE per decade)."""
+def spectrum_sql(model: str, components: Sequence[str] | None, steps: Sequence[int]) -> str:
+    """Density of the eigenvalues λ = σ² of each matrix in log-spaced bins (BINS_PER_DECADE per decade)."""
     b = BINS_PER_DECADE
     return f"""WITH eigen AS (
-  SELECT step, unnest(sv) ^ 2 AS ev
+  SELECT tensor, component, step, unnest(sv) ^ 2 AS ev
   FROM spectra
-  WHERE model = {literal(model)} AND tensor = {literal(tensor)} AND component = {literal(component)}
-    AND kind = 'weight' AND {in_list('step', steps)}
+  WHERE model = {literal(model)} AND kind = 'weight' AND {in_list('step', steps)}{_component_filter(components)}
 ), bins AS (
-  SELECT step, floor(log10(ev) * {b}) AS bin, count(*) AS n FROM eigen WHERE ev > 0 GROUP BY step, bin
+  SELECT tensor, component, step, floor(log10(ev) * {b}) AS bin, count(*) AS n
+  FROM eigen WHERE ev > 0 GROUP BY tensor, component, step, bin
 ), totals AS (
-  SELECT step, count(*) AS total, max(ev) AS ev_max FROM eigen WHERE ev > 0 GROUP BY step
+  SELECT tensor, component, step, count(*) AS total, max(ev) AS ev_max
+  FROM eigen WHERE ev > 0 GROUP BY tensor, component, step
 )
-SELECT step, 10 ^ ((bin + 0.5) / {b}) AS eigenvalue, n, total, ev_max,
+SELECT tensor, component, step, 10 ^ ((bin + 0.5) / {b}) AS eigenvalue, n, total, ev_max,
        n / (total * (10 ^ ((bin + 1) / {b}) - 10 ^ (bin / {b}))) AS density
-FROM bins JOIN totals USING (step)
-ORDER BY step, eigenvalue"""
+FROM bins JOIN totals USING (tensor, component, step)
+ORDER BY tensor, component, step, eigenvalue"""
 
 
-def spectrum_fit_sql(model: str, tensor: str, component: str, steps: Sequence[int]) -> str:
-    return f"""SELECT step, any_value(tokens) AS tokens,
+def spectrum_fit_sql(model: str, components: Sequence[str] | None, steps: Sequence[int]) -> str:
+    return f"""SELECT tensor, component, step, any_value(tokens) AS tokens,
        max(value) FILTER (WHERE metric = 'alpha') AS alpha,
        max(value) FILTER (WHERE metric = 'alpha_xmin') AS alpha_xmin,
        max(value) FILTER (WHERE metric = 'num_pl_spikes') AS num_pl_spikes
 FROM metrics
-WHERE model = {literal(model)} AND tensor = {literal(tensor)} AND component = {literal(component)}
-  AND metric IN ('alpha', 'alpha_xmin', 'num_pl_spikes') AND {in_list('step', steps)}
-GROUP BY step
-ORDER BY step"""
+WHERE model = {literal(model)} AND metric IN ('alpha', 'alpha_xmin', 'num_pl_spikes')
+  AND {in_list('step', steps)}{_component_filter(components)}
+GROUP BY tensor, component, step
+ORDER BY tensor, component, step"""

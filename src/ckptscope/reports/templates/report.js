@@ -1,5 +1,7 @@
-// Draws a ckptscope report: inflates the embedded plotly.js, then draws each chart of the JSON
-// payload into the divs the template laid out. <html data-state> ends as "ready" or "error".
+// Draws a ckptscope report: each chart of the JSON payload into the divs the template laid out.
+// Everything runs synchronously while the page is parsed (plotly.js is embedded as a plain script,
+// grids are base64 without compression), so the charts exist before the load event: printing to
+// PDF and headless screenshots capture them without waiting. <html data-state> ends as "ready" or "error".
 "use strict";
 (() => {
   const PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf"];
@@ -22,14 +24,9 @@
     return out;
   }
 
-  async function inflate(b64) {
-    const stream = new Blob([bytes(b64)]).stream().pipeThrough(new DecompressionStream("gzip"));
-    return new Uint8Array(await new Response(stream).arrayBuffer());
-  }
-
   // A grid packed by html.py's _pack: byte planes 1, 2, 3 of little-endian float32; byte 0 is zero. NaN = missing.
-  async function floats(b64) {
-    const planes = await inflate(b64);
+  function floats(b64) {
+    const planes = bytes(b64);
     const n = planes.length / 3;
     const out = new Uint8Array(4 * n);
     for (let i = 0; i < n; i++) {
@@ -41,12 +38,6 @@
   }
 
   const gaps = (values) => Array.from(values, (v) => (Number.isNaN(v) ? null : v));
-
-  async function loadPlotly() {
-    const script = document.createElement("script");
-    script.textContent = new TextDecoder().decode(await inflate(document.getElementById("plotly-js-gz").textContent.trim()));
-    document.head.appendChild(script);
-  }
 
   // Ticks at 0 and 1, 2, 5 x 10^k (only 10^k when the range spans many decades), placed at log10(step + 1).
   function stepAxis(steps) {
@@ -65,31 +56,37 @@
   });
 
   const plotDiv = (chart, i) => document.getElementById(`${chart.id}-${i}`);
-  const selector = (chart) => document.getElementById(`${chart.id}-component`);
+  const selector = (chart) => document.querySelector(`#${chart.id} select.choice`);
 
-  // Redraws on every change of the chart's component selector.
-  async function withComponent(chart, draw) {
+  // Draws the choice selected in the chart's selector (component, matrix), and redraws on every change.
+  function withChoice(chart, draw) {
     const select = selector(chart);
-    if (select) select.addEventListener("change", () => draw(chart.components[select.selectedIndex]));
-    await draw(chart.components[select ? select.selectedIndex : 0]);
+    if (select) select.addEventListener("change", () => draw(select.selectedIndex));
+    draw(select ? select.selectedIndex : 0);
   }
 
-  // Per model and metric: a layer x step heatmap and one line per layer, for one component.
-  async function drawLayers(chart) {
+  // Plotly draws these trace types synchronously; its promise only reports errors, which must not pass silently.
+  const react = (div, traces, layout) => Plotly.react(div, traces, layout, CONFIG).catch(fail);
+
+  // Per model and metric: a layer x step heatmap and one line per layer, for one series (a component,
+  // or one tensor pattern of it, such as ln_1.weight, where a layer holds several of its tensors).
+  function drawLayers(chart) {
     const S = chart.steps.length, L = chart.layers.length;
-    const values = await floats(chart.values);
+    const values = floats(chart.values);
     const x = chart.steps.map(logStep);
     const custom = chart.steps.map((s, i) => [int(s), int(chart.tokens[i])]);
     const axis = stepAxis(chart.steps);
-    return withComponent(chart, async (component) => {
-      const c = chart.components.indexOf(component);
+    withChoice(chart, (c) => {
+      const {component, pattern} = chart.series[c];
       const rows = chart.layers.map((_, l) => gaps(values.subarray((c * L + l) * S, (c * L + l + 1) * S)));
+      const tensor = (layer) => pattern.replace(".*.", `.${layer}.`);
       const hover = (layer) => `model: ${esc(chart.model)}<br>component: ${esc(component)}<br>layer: ${layer}` +
-        `<br>step: %{customdata[0]}<br>tokens: %{customdata[1]}<br>${esc(chart.metric)}: `;
+        `<br>tensor: ${esc(tensor(layer))}<br>step: %{customdata[0]}<br>tokens: %{customdata[1]}<br>${esc(chart.metric)}: `;
       const heat = {
-        type: "heatmap", x, y: chart.layers, z: rows, customdata: chart.layers.map(() => custom),
+        type: "heatmap", x, y: chart.layers, z: rows, customdata: chart.layers.map((layer) => custom.map((cd) => [...cd, esc(tensor(layer))])),
         colorscale: "Viridis", hoverongaps: false, colorbar: {title: {text: esc(chart.metric), side: "right"}, thickness: 12},
-        hovertemplate: `${hover("%{y}")}%{z:.4g}<extra></extra>`,
+        hovertemplate: `model: ${esc(chart.model)}<br>component: ${esc(component)}<br>layer: %{y}<br>tensor: %{customdata[2]}` +
+          `<br>step: %{customdata[0]}<br>tokens: %{customdata[1]}<br>${esc(chart.metric)}: %{z:.4g}<extra></extra>`,
       };
       const lines = chart.layers.map((layer, l) => ({
         type: "scatter", mode: lineMode(S), x, y: rows[l], customdata: custom, name: `layer ${layer}`,
@@ -97,16 +94,30 @@
         hovertemplate: `${hover(layer)}%{y:.4g}<extra></extra>`,
       }));
       const yLayer = {title: {text: "layer"}, dtick: L > 16 ? undefined : 1};
-      await Plotly.react(plotDiv(chart, 0), [heat], baseLayout({xaxis: axis, yaxis: yLayer}), CONFIG);
-      await Plotly.react(plotDiv(chart, 1), lines,
-        baseLayout({xaxis: axis, yaxis: {title: {text: esc(chart.metric)}}, legend: {title: {text: "layer"}, font: {size: 11}}}), CONFIG);
+      react(plotDiv(chart, 0), [heat], baseLayout({xaxis: axis, yaxis: yLayer}));
+      react(plotDiv(chart, 1), lines,
+        baseLayout({xaxis: axis, yaxis: {title: {text: esc(chart.metric)}}, legend: {title: {text: "layer"}, font: {size: 11}}}));
     });
   }
 
+  // Tensors without a layer (embeddings, unembedding, final norm): one line per tensor.
+  function drawTensors(chart) {
+    const traces = chart.series.map((t, i) => ({
+      type: "scatter", mode: lineMode(t.steps.length), x: t.steps.map(logStep), y: t.values, name: esc(`${t.tensor} (${t.component})`),
+      customdata: t.steps.map((s, j) => [int(s), int(t.tokens[j])]), line: {color: color(i), width: 1.5}, marker: {size: 4},
+      hovertemplate: `model: ${esc(chart.model)}<br>tensor: ${esc(t.tensor)}<br>component: ${esc(t.component)}` +
+        `<br>step: %{customdata[0]}<br>tokens: %{customdata[1]}<br>${esc(chart.metric)}: %{y:.4g}<extra></extra>`,
+    }));
+    react(plotDiv(chart, 0), traces, baseLayout({
+      xaxis: stepAxis(chart.series.flatMap((t) => t.steps)), yaxis: {title: {text: esc(chart.metric)}},
+      legend: {title: {text: "tensor"}, font: {size: 11}},
+    }));
+  }
+
   // Across models: one panel per relative-depth bin, x = training progress, one line per model.
-  async function drawCompare(chart) {
+  function drawCompare(chart) {
     const B = chart.bins;
-    const models = await Promise.all(chart.series.map(async (m) => ({...m, grid: await floats(m.values)})));
+    const models = chart.series.map((m) => ({...m, grid: floats(m.values)}));
     const pct = (b) => `${Math.round((100 * b) / B)}–${Math.round((100 * (b + 1)) / B)}%`;
     const axes = {};
     const annotations = [];
@@ -116,8 +127,8 @@
       annotations.push({text: `relative depth ${pct(b)}`, xref: `${b ? "x" + (b + 1) : "x"} domain`, yref: "paper",
         x: 0.5, y: 1.0, yanchor: "bottom", showarrow: false, font: {size: 12}});
     }
-    return withComponent(chart, async (component) => {
-      const c = chart.components.indexOf(component);
+    withChoice(chart, (c) => {
+      const component = chart.components[c];
       const traces = [];
       const shown = new Set();
       models.forEach((m, mi) => {
@@ -138,10 +149,10 @@
           shown.add(mi);
         }
       });
-      await Plotly.react(plotDiv(chart, 0), traces, baseLayout({
+      react(plotDiv(chart, 0), traces, baseLayout({
         grid: {rows: 1, columns: B, pattern: "coupled"}, ...axes, yaxis: {title: {text: esc(chart.metric)}},
         annotations, margin: {l: 64, r: 24, t: 36, b: 52},
-      }), CONFIG);
+      }));
     });
   }
 
@@ -162,9 +173,9 @@
       };
     });
     const steps = chart.series.flatMap((m) => m.steps);
-    return Plotly.react(plotDiv(chart, 0), traces, baseLayout({
+    react(plotDiv(chart, 0), traces, baseLayout({
       height: 120 + 36 * chart.series.length, xaxis: stepAxis(steps), yaxis: {type: "category", automargin: true},
-    }), CONFIG);
+    }));
   }
 
   function drawStabilization(chart) {
@@ -174,10 +185,10 @@
       hovertemplate: `model: ${esc(s.model)}<br>layer: %{customdata[0]} (relative depth %{x:.2f})<br>component: ${esc(s.component)}` +
         "<br>step: %{customdata[1]}<br>tokens: %{customdata[2]}<br>stable from: %{y:.3f} of training<extra></extra>",
     }));
-    return Plotly.react(plotDiv(chart, 0), traces, baseLayout({
+    react(plotDiv(chart, 0), traces, baseLayout({
       xaxis: {title: {text: "relative depth (layer / number of layers)"}},
       yaxis: {title: {text: "stabilization step / last step"}, range: [0, 1.05]},
-    }), CONFIG);
+    }));
   }
 
   function drawMemorization(chart) {
@@ -192,69 +203,94 @@
       }));
     });
     const axis = stepAxis(chart.series.flatMap((m) => m.steps));
-    return Plotly.react(plotDiv(chart, 0), traces, baseLayout({
+    react(plotDiv(chart, 0), traces, baseLayout({
       grid: {rows: 1, columns: 2, pattern: "independent"}, xaxis: axis, xaxis2: axis,
       yaxis: {title: {text: "memorized rate"}}, yaxis2: {title: {text: "mean score"}},
-    }), CONFIG);
+    }));
   }
 
-  // Eigenvalue density per step, and the power-law tail fitted at ingest: (n_tail / n) * (α-1)/x_min * (λ/x_min)^-α.
+  // Eigenvalue density per step of the matrix chosen in the selector, and the power-law tail fitted
+  // at ingest: (n_tail / n) * (α-1)/x_min * (λ/x_min)^-α. Log axes are labelled at decades only.
   function drawSpectrum(chart) {
-    const n = chart.steps.length;
-    const traces = [];
-    chart.steps.forEach((s, i) => {
-      const col = depthColor(n > 1 ? i / (n - 1) : 0);
-      const head = `model: ${esc(chart.model)}<br>step: ${int(s.step)}<br>tokens: ${int(s.tokens)}<br>layer: ${chart.layer}` +
-        `<br>component: ${esc(chart.component)}<br>λ: %{x:.4g}<br>`;
-      traces.push({
-        type: "scatter", mode: "lines+markers", x: s.eigenvalue, y: s.density, name: `step ${int(s.step)}`,
-        legendgroup: `s${i}`, line: {color: col, shape: "hvh"}, marker: {size: 5},
-        hovertemplate: `${head}density: %{y:.4g}<extra></extra>`,
+    // Ticks at whole decades; a range narrower than two decades would show at most one, so plotly picks them there.
+    const logAxis = (title, values) => {
+      const positive = values.filter((v) => v > 0);
+      const wide = Math.log10(Math.max(...positive) / Math.min(...positive)) >= 2;
+      return {type: "log", dtick: wide ? 1 : undefined, exponentformat: "power", title: {text: title}};
+    };
+    withChoice(chart, (m) => {
+      const matrix = chart.matrices[m];
+      const n = matrix.steps.length;
+      const traces = [];
+      matrix.steps.forEach((s, i) => {
+        const col = depthColor(n > 1 ? i / (n - 1) : 0);
+        const head = `model: ${esc(chart.model)}<br>step: ${int(s.step)}<br>tokens: ${int(s.tokens)}<br>tensor: ${esc(matrix.tensor)}` +
+          `<br>layer: ${matrix.layer === null ? "–" : matrix.layer}<br>component: ${esc(matrix.component)}<br>λ: %{x:.4g}<br>`;
+        traces.push({
+          type: "scatter", mode: "lines+markers", x: s.eigenvalue, y: s.density, name: `step ${int(s.step)}`,
+          legendgroup: `s${i}`, line: {color: col, shape: "hvh"}, marker: {size: 5},
+          hovertemplate: `${head}density: %{y:.4g}<extra></extra>`,
+        });
+        if (s.alpha === null || s.xmin === null || s.n_tail === null || !(s.ev_max > s.xmin)) return;
+        const xs = Array.from({length: 24}, (_, k) => s.xmin * Math.pow(s.ev_max / s.xmin, k / 23));
+        const scale = ((s.n_tail / s.total) * (s.alpha - 1)) / s.xmin;
+        traces.push({
+          type: "scatter", mode: "lines", x: xs, y: xs.map((x) => scale * Math.pow(x / s.xmin, -s.alpha)),
+          name: `fit α=${s.alpha.toFixed(2)}`, legendgroup: `s${i}`, line: {color: col, dash: "dash", width: 2},
+          hovertemplate: `${head}fit: α = ${s.alpha.toFixed(3)}, x_min = ${s.xmin.toPrecision(3)}<br>density: %{y:.4g}<extra></extra>`,
+        });
       });
-      if (s.alpha === null || s.xmin === null || s.n_tail === null || !(s.ev_max > s.xmin)) return;
-      const xs = Array.from({length: 24}, (_, k) => s.xmin * Math.pow(s.ev_max / s.xmin, k / 23));
-      const scale = ((s.n_tail / s.total) * (s.alpha - 1)) / s.xmin;
-      traces.push({
-        type: "scatter", mode: "lines", x: xs, y: xs.map((x) => scale * Math.pow(x / s.xmin, -s.alpha)),
-        name: `fit α=${s.alpha.toFixed(2)}`, legendgroup: `s${i}`, line: {color: col, dash: "dash", width: 2},
-        hovertemplate: `${head}fit: α = ${s.alpha.toFixed(3)}, x_min = ${s.xmin.toPrecision(3)}<br>density: %{y:.4g}<extra></extra>`,
-      });
+      react(plotDiv(chart, 0), traces, baseLayout({
+        height: 400, xaxis: logAxis("eigenvalue λ = σ²", traces.flatMap((t) => t.x)),
+        yaxis: logAxis("density", traces.flatMap((t) => t.y)),
+      }));
     });
-    return Plotly.react(plotDiv(chart, 0), traces, baseLayout({
-      height: 400, xaxis: {type: "log", title: {text: "eigenvalue λ = σ²"}}, yaxis: {type: "log", title: {text: "density"}},
-    }), CONFIG);
   }
 
-  function drawLines(chart) {  // charts that analyzers contribute (ckptscope.reports.extension)
+  function drawLines(chart) {  // charts that analyzers contribute (Analyzer.report_sections)
     const traces = chart.series.map((s, i) => ({
       type: "scatter", mode: lineMode(s.x.length), x: s.x, y: s.y, name: esc(s.name), line: {color: color(i)},
       hovertemplate: `${esc(s.name)}<br>${esc(chart.x_title)}: %{x}<br>${esc(chart.y_title)}: %{y:.4g}<extra></extra>`,
     }));
-    return Plotly.react(plotDiv(chart, 0), traces, baseLayout({
+    react(plotDiv(chart, 0), traces, baseLayout({
       height: 380, xaxis: {type: chart.log_x ? "log" : "linear", title: {text: esc(chart.x_title)}},
       yaxis: {title: {text: esc(chart.y_title)}},
-    }), CONFIG);
+    }));
   }
 
   const DRAW = {layers: drawLayers, compare: drawCompare, checkpoints: drawCheckpoints, stabilization: drawStabilization,
-    memorization: drawMemorization, spectrum: drawSpectrum, lines: drawLines};
+    memorization: drawMemorization, spectrum: drawSpectrum, tensors: drawTensors, lines: drawLines};
 
-  async function main() {
-    const status = document.getElementById("status");
+  // Printing lays the page out at paper width, but each chart was drawn at the window's width: before
+  // printing, narrower charts are redrawn to fit the paper (synchronously), and after it, to fit the window.
+  const PRINT_WIDTH = 680;  // CSS px: A4 or Letter less Chromium's default margins
+  function fitPrint(printing) {
+    for (const gd of document.querySelectorAll(".js-plotly-plot")) {
+      if (printing && gd._fullLayout.width > PRINT_WIDTH) Plotly.relayout(gd, {width: PRINT_WIDTH}).catch(fail);
+      else if (!printing && gd.layout.width !== undefined) Plotly.relayout(gd, {width: null}).catch(fail);
+    }
+  }
+  window.addEventListener("beforeprint", () => fitPrint(true));
+  window.addEventListener("afterprint", () => fitPrint(false));
+
+  const status = document.getElementById("status");
+
+  function fail(error) {
+    status.textContent = `Could not draw the charts: ${error}`;
+    status.classList.add("error");
+    document.documentElement.dataset.state = "error";
+    console.error(error);
+  }
+
+  function main() {
     try {
-      await loadPlotly();
       const charts = JSON.parse(document.getElementById("report-data").textContent);
-      for (const chart of charts) {
-        await DRAW[chart.type](chart);
-        await new Promise((resolve) => setTimeout(resolve, 0));  // let the page paint between charts
-      }
+      for (const chart of charts) DRAW[chart.type](chart);
+      if (document.documentElement.dataset.state === "error") return;
       status.textContent = `${charts.length} charts drawn.`;
       document.documentElement.dataset.state = "ready";
     } catch (error) {
-      status.textContent = `Could not draw the charts: ${error}`;
-      status.classList.add("error");
-      document.documentElement.dataset.state = "error";
-      console.error(error);
+      fail(error);
     }
   }
 
