@@ -92,10 +92,6 @@ class _Cells:
     att: np.ndarray
     se: np.ndarray
 
-    def control_mask(self, rows: np.ndarray, groups: int) -> np.ndarray:
-        k = np.arange(groups)
-        return (k[None, :] >= self.start[rows, None]) & (k[None, :] != self.j[rows, None])
-
 
 def compute_profile(stats: pl.DataFrame, *, outcome: str = "sup_seq", control: str = "heldout",
                     bootstrap: int = 0, seed: int = 0) -> MemorizationProfile:
@@ -113,9 +109,11 @@ def compute_profile(stats: pl.DataFrame, *, outcome: str = "sup_seq", control: s
     panel = _build_panel(stats, outcome, control)
     cells = _estimate_cells(panel, control)
     aggregates = _aggregate_specs(panel, cells)
-    agg_att, agg_se, agg_v, agg_c = _aggregate(panel, cells, aggregates)
-    if bootstrap:
-        cell_se, cell_crit, agg_se, agg_crit = _bootstrap(panel, cells, aggregates, agg_v, agg_c, bootstrap, seed)
+    sums = _multiplier_sums(panel, bootstrap, seed) if bootstrap else None
+    agg_att, agg_se, agg_draws = _aggregate(panel, cells, aggregates, sums)
+    if sums is not None:
+        agg_se, agg_crit = _summary_bands(aggregates, agg_draws)
+        cell_se, cell_crit = _cell_bands(panel, cells, *sums)
     else:
         cell_se, cell_crit, agg_crit = cells.se, Z_975, np.full(len(aggregates), Z_975)
     return MemorizationProfile(_cells_frame(panel, cells, cell_se, cell_crit),
@@ -289,47 +287,65 @@ def _aggregate_specs(panel: _Panel, cells: _Cells) -> list[_AggregateSpec]:
     return specs
 
 
-def _aggregate(panel: _Panel, cells: _Cells, specs: list[_AggregateSpec]):
-    """Cohort-size-weighted means of cells and their analytic SEs (as `differences` aggregates).
+def _aggregate(panel: _Panel, cells: _Cells, specs: list[_AggregateSpec],
+               sums: tuple[np.ndarray, np.ndarray] | None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Cohort-size-weighted means of cells, their analytic SEs and bootstrap draws (as `differences`).
 
     Each aggregate's influence function is, for a sequence i of group k, Y_i . V_k + c_k: the
     weighted cell influence functions plus the term for estimating the cohort-share weights.
-    Then sum_i IF_i^2 = sum_k n_k (mean_k . V_k + c_k)^2 + V_k^T scatter_k V_k.
+    Then sum_i IF_i^2 = sum_k n_k (mean_k . V_k + c_k)^2 + V_k^T scatter_k V_k, and a bootstrap
+    draw of mean(IF * u) = sum_k (V_k . A_k + c_k U_k) / n. Aggregates are built in blocks.
     """
     n_groups, n_steps = panel.mean.shape
     n = panel.n
     att = np.empty(len(specs))
     se = np.empty(len(specs))
-    vs = np.empty((len(specs), n_groups, n_steps))
-    cs = np.empty((len(specs), n_groups))
-    for a, spec in enumerate(specs):  # one per aggregate (about one per checkpoint), not per cell
-        idx = spec.cells
+    draws = None if sums is None else np.empty((sums[1].shape[1], len(specs)))
+    block = 64
+    for lo in range(0, len(specs), block):
+        chunk = specs[lo:lo + block]
+        a = np.concatenate([np.full(len(s.cells), i) for i, s in enumerate(chunk)])
+        idx = np.concatenate([s.cells for s in chunk])
         share = cells.n_t[idx] / n
-        total = share.sum()
-        w = share / total
+        total = np.bincount(a, weights=share, minlength=len(chunk))
+        w = share / total[a]
         cell_att = cells.att[idx]
-        att[a] = w @ cell_att
-        delta = np.zeros((len(idx), n_steps))
-        delta[np.arange(len(idx)), cells.t[idx]] += 1.0
-        delta[np.arange(len(idx)), cells.b[idx]] -= 1.0
-        v = np.zeros((n_groups, n_steps))
-        c = np.zeros(n_groups)
-        coef_t = w * n / cells.n_t[idx]
-        np.add.at(v, cells.j[idx], coef_t[:, None] * delta)
-        np.add.at(c, cells.j[idx], -coef_t * cells.mean_t[idx])
-        coef_c = (cells.control_mask(idx, n_groups) * (w * n / cells.n_c[idx])[:, None]).T  # (K, cells)
-        v -= coef_c @ delta
-        c += coef_c @ cells.mean_c[idx]
-        # Weight estimation: d w_j / d share, shares estimated by cohort dummies.
-        in_agg = np.zeros(n_groups)
-        in_agg[cells.j[idx]] = 1.0
-        np.add.at(c, cells.j[idx], cell_att / total)
-        c -= (share @ cell_att) / total + (in_agg - total) * (share @ cell_att) / total**2
-        level = np.einsum("kt,kt->k", panel.mean, v) + c
-        sum_sq = panel.sizes @ level**2 + np.einsum("kt,kts,ks->", v, panel.scatter, v)
-        se[a] = np.sqrt(max(sum_sq, 0.0)) / n
-        vs[a], cs[a] = v, c
-    return att, se, vs, cs
+        att[lo:lo + len(chunk)] = np.bincount(a, weights=w * cell_att, minlength=len(chunk))
+        j, t, b, start = cells.j[idx], cells.t[idx], cells.b[idx], cells.start[idx]
+
+        v = np.zeros((len(chunk), n_groups, n_steps))
+        c = np.zeros((len(chunk), n_groups))
+        coef_t = w * n / cells.n_t[idx]  # treated: the cohort's own group
+        np.add.at(v, (a, j, t), coef_t)
+        np.add.at(v, (a, j, b), -coef_t)
+        np.add.at(c, (a, j), -coef_t * cells.mean_t[idx])
+        # controls: every group >= start (a difference array over groups, then a cumulative sum);
+        # aggregates hold post cells only, whose own cohort is <= t < start, never among them
+        coef_c = w * n / cells.n_c[idx]
+        ctrl_v = np.zeros_like(v)
+        ctrl_c = np.zeros_like(c)
+        np.add.at(ctrl_v, (a, start, t), -coef_c)
+        np.add.at(ctrl_v, (a, start, b), coef_c)
+        np.add.at(ctrl_c, (a, start), coef_c * cells.mean_c[idx])
+        ctrl_v = np.cumsum(ctrl_v, axis=1)
+        ctrl_c = np.cumsum(ctrl_c, axis=1)
+        v += ctrl_v
+        c += ctrl_c
+        # weight estimation: w_j = share_j / sum(share), shares estimated by cohort dummies
+        weighted = np.bincount(a, weights=share * cell_att, minlength=len(chunk))  # sum share * att
+        in_agg = np.zeros((len(chunk), n_groups))
+        in_agg[a, j] = 1.0
+        np.add.at(c, (a, j), cell_att / total[a])
+        c -= (weighted / total)[:, None] + (in_agg - total[:, None]) * (weighted / total**2)[:, None]
+
+        level = np.einsum("akt,kt->ak", v, panel.mean) + c
+        quad = np.einsum("kat,kat->a", np.matmul(v.transpose(1, 0, 2), panel.scatter), v.transpose(1, 0, 2))
+        se[lo:lo + len(chunk)] = np.sqrt(np.maximum(level**2 @ panel.sizes + quad, 0.0)) / n
+        if sums is not None:
+            a_sum, u_sum = sums
+            flat = v.reshape(len(chunk), n_groups * n_steps) @ a_sum.reshape(n_groups * n_steps, -1) + c @ u_sum
+            draws[:, lo:lo + len(chunk)] = flat.T / n
+    return att, se, draws
 
 
 # ---------------------------------------------------------------- bootstrap
@@ -349,12 +365,11 @@ def _sup_t_max(draws: np.ndarray, se: np.ndarray) -> np.ndarray:
     return np.max(np.abs(draws[:, ok] / se[ok]), axis=1)
 
 
-def _bootstrap(panel: _Panel, cells: _Cells, specs: list[_AggregateSpec], agg_v: np.ndarray, agg_c: np.ndarray,
-               draws: int, seed: int):
-    """Multiplier bootstrap with one Rademacher weight per sequence, shared by every cell and aggregate.
+def _multiplier_sums(panel: _Panel, draws: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """One Rademacher weight u_i per sequence and draw, shared by every cell and aggregate.
 
-    With A_k = sum_{i in k} u_i Y_i and U_k = sum_{i in k} u_i, each draw of mean(IF * u) is linear
-    in (A, U), so the sequences are visited once per block of draws.
+    Returns A_k = sum_{i in k} u_i Y_i (K, T, draws) and U_k = sum_{i in k} u_i (K, draws): each
+    draw of mean(IF * u) is linear in them, so the sequences are visited once.
     """
     n_groups, n_steps = panel.mean.shape
     rng = np.random.default_rng(seed)
@@ -366,17 +381,23 @@ def _bootstrap(panel: _Panel, cells: _Cells, specs: list[_AggregateSpec], agg_v:
             u = rng.integers(0, 2, size=(hi - lo, draws), dtype=np.int8).astype(np.float64) * 2.0 - 1.0
             a_sum[k] += panel.y[lo:hi].T @ u
             u_sum[k] += u.sum(axis=0)
+    return a_sum, u_sum
 
-    # Aggregates: mean(IF * u) = sum_k (V_k . A_k + c_k U_k) / n.
-    flat_v = agg_v.reshape(len(specs), n_groups * n_steps)
-    agg_draws = (flat_v @ a_sum.reshape(n_groups * n_steps, draws) + agg_c @ u_sum).T / panel.n
+
+def _summary_bands(specs: list[_AggregateSpec], agg_draws: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Bootstrap SEs of the aggregates and one simultaneous critical value per summary kind."""
     agg_se = _iqr_se(agg_draws)
     kinds = np.array([s.kind for s in specs])
     agg_crit = np.empty(len(specs))
     for kind in np.unique(kinds):
         sel = kinds == kind
         agg_crit[sel] = np.quantile(_sup_t_max(agg_draws[:, sel], agg_se[sel]), 0.95, method="inverted_cdf")
+    return agg_se, agg_crit
 
+
+def _cell_bands(panel: _Panel, cells: _Cells, a_sum: np.ndarray, u_sum: np.ndarray) -> tuple[np.ndarray, float]:
+    """Bootstrap SEs of the cells and the simultaneous critical value over all cells."""
+    n_groups, n_steps, draws = a_sum.shape
     # Cells: controls are the groups >= start except the cohort itself, so use suffix sums over groups.
     a_suffix = np.zeros((n_groups + 1, n_steps, draws))
     a_suffix[:-1] = np.cumsum(a_sum[::-1], axis=0)[::-1]
@@ -393,8 +414,7 @@ def _bootstrap(panel: _Panel, cells: _Cells, specs: list[_AggregateSpec], agg_v:
         d = (own_t / cells.n_t[r, None] - ctrl / cells.n_c[r, None]).T  # (draws, cells)
         cell_se[r] = _iqr_se(d)
         sup_t = np.maximum(sup_t, _sup_t_max(d, cell_se[r]))
-    cell_crit = float(np.quantile(sup_t, 0.95, method="inverted_cdf"))
-    return cell_se, cell_crit, agg_se, agg_crit
+    return cell_se, float(np.quantile(sup_t, 0.95, method="inverted_cdf"))
 
 
 # ---------------------------------------------------------------- frames
