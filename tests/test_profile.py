@@ -245,6 +245,11 @@ def test_bootstrap_reproducible_with_seed() -> None:
     assert np.array_equal(a.cells["att"].to_numpy(), analytic.cells["att"].to_numpy())
     half = (a.cells["ci_high"] - a.cells["ci_low"]).to_numpy() / 2 / a.cells["se"].to_numpy()
     assert np.allclose(half, half[0]) and half[0] > 1.96  # one simultaneous critical value, above pointwise
+    # the cells' draws (suffix sums over not-yet-treated groups, pre-period cells too) estimate the analytic SE
+    pre = (a.cells["event_time"] < 0).to_numpy()
+    ratio = a.cells["se"].to_numpy() / analytic.cells["se"].to_numpy()
+    assert 0.8 <= np.median(ratio[pre]) <= 1.2 and 0.8 <= np.median(ratio[~pre]) <= 1.2
+    assert 0.7 <= np.median(a.summary["se"].to_numpy() / analytic.summary["se"].to_numpy()) <= 1.3
 
 
 def _edit(stats: pl.DataFrame, expr) -> pl.DataFrame:
