@@ -12,7 +12,10 @@ first_seen_step uniform within the cohort's interval, after step 512 for the fir
 `--bootstrap` multiplier draws. Peak RSS is the process high-water mark, reset before each
 timed call where the kernel allows (/proc/self/clear_refs), and the frame's own size is shown.
 
-    POLARS_MAX_THREADS=2 OMP_NUM_THREADS=2 python benchmarks/bench_profile.py [--bootstrap 100]
+    POLARS_MAX_THREADS=2 OMP_NUM_THREADS=1 python benchmarks/bench_profile.py [--bootstrap 100] [--early-cohorts]
+
+OMP_NUM_THREADS=1: the matrices are small (154 x 154); on a busy 2-core machine two BLAS threads
+made the aggregation 10x slower.
 """
 
 from __future__ import annotations
@@ -31,14 +34,18 @@ from ckptscope.profile import compute_profile
 PYTHIA_STEPS = np.array([0] + [2**i for i in range(10)] + list(range(1000, 143001, 1000)), dtype=np.int64)
 
 
-def synthesize(per_cohort: int = 600, heldout: int = 14_200, seed: int = 0) -> pl.DataFrame:
-    """A sequence_stats frame for one model: 143 cohorts of `per_cohort` plus `heldout` sequences."""
+def synthesize(per_cohort: int = 600, heldout: int = 14_200, seed: int = 0, early: bool = False) -> pl.DataFrame:
+    """A sequence_stats frame for one model: 143 intervals of `per_cohort` plus `heldout` sequences.
+
+    `early`: the first interval's sequences are spread over steps 1..1000, so they form cohorts at
+    Pythia's log-spaced checkpoints 1, 2, 4, ..., 512 too (153 cohorts, ~1,300 distinct event times).
+    """
     rng = np.random.default_rng(seed)
     steps = PYTHIA_STEPS
     cohort_steps = np.arange(1000, 143001, 1000)
     # first_seen_step uniform in (g - 1000, g]; for g = 1000 only in (512, 1000], so that the
     # 143 cohorts are Pythia's 1000-step intervals (earlier steps would form cohorts 1, 2, 4, ...)
-    first = np.concatenate([g - rng.integers(0, 488 if g == 1000 else 1000, per_cohort) for g in cohort_steps])
+    first = np.concatenate([g - rng.integers(0, 488 if g == 1000 and not early else 1000, per_cohort) for g in cohort_steps])
     n_train = len(first)
     n = n_train + heldout
     ids = pl.Series("sequence_id", [f"train:{i}" for i in range(n_train)] + [f"heldout:{i}" for i in range(heldout)])
@@ -86,10 +93,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--bootstrap", type=int, nargs="*", default=[100])
+    parser.add_argument("--early-cohorts", action="store_true", help="also cohorts at steps 1..512 (see synthesize)")
     args = parser.parse_args()
 
     start = time.perf_counter()
-    stats = synthesize()
+    stats = synthesize(early=args.early_cohorts)
     print(f"synthesized {stats.height:,} rows ({stats['sequence_id'].n_unique():,} sequences, {len(PYTHIA_STEPS)} checkpoints) "
           f"in {time.perf_counter() - start:.1f} s; frame {stats.estimated_size('mb'):.0f} MiB, RSS now {rss_mib('VmRSS'):.0f} MiB")
     print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs visible, "
