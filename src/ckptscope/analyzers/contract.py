@@ -146,6 +146,11 @@ class Analyzer:
         """An empty result for one step, carrying this analyzer's provenance (plus `extra` parameters)."""
         return RunRows(self.name, self.version, {**self.parameters(), **extra}, dtype, backend)
 
+    def check(self, config: dict | None) -> None:
+        """Check the options against the model (its `config.json`) before the store is opened, e.g.
+        that a probe's token ids fit the vocabulary; raise a one-line `CkptscopeError`. Sources
+        whose checkpoints are only known once downloaded get the same checks in `analyze`."""
+
     def analyze(self, ctx: AnalysisContext) -> RunRows:
         """Rows for one checkpoint."""
         raise NotImplementedError

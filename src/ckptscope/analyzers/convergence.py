@@ -90,6 +90,9 @@ class ConvergenceAnalyzer(Analyzer):
         ref = _parse_reference(options.reference_step)
         return ("final",) if ref == "final" else (ref, "final")
 
+    def check(self, config: dict | None) -> None:
+        self.probe.check_vocab(config)
+
     def parameters(self) -> dict[str, Any]:
         return {**super().parameters(), "samples": "token positions", "estimators": ["linear", "linear_debiased"]}
 

@@ -56,6 +56,13 @@ class Corpus:
     def provenance(self, key: str) -> dict[str, str]:
         return {key: self.path.name, f"{key}_sha256": self.sha256}
 
+    def check_vocab(self, config: dict | None) -> None:
+        """Token-id rows against the vocabulary a model config declares (text rows are tokenized later)."""
+        vocab = (config or {}).get("vocab_size")
+        if isinstance(vocab, int):
+            rows = [i for i, row in enumerate(self.rows) if not isinstance(row, str)]
+            check_vocab(Sequences([self.ids[i] for i in rows], [self.rows[i] for i in rows], [None] * len(rows)), vocab, self.path)
+
     def sequences(self, tokenizer_dirs: list[Path]) -> Sequences:
         """Token ids of every row; text is tokenized with the first tokenizer found in `tokenizer_dirs`."""
         if self._tokenized is None:

@@ -96,6 +96,9 @@ class MemorizationAnalyzer(Analyzer):
         self._seqs: Sequences | None = None
         self._skipped = 0
 
+    def check(self, config: dict | None) -> None:
+        self.corpus.check_vocab(config)
+
     def parameters(self) -> dict[str, Any]:
         return {**super().parameters(), "decoding": "greedy, exactly continuation_len tokens",
                 "logit_lens": "resid through final norm and unembedding, teacher-forced"}

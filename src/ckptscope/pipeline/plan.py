@@ -84,6 +84,8 @@ def plan(src: Source, *, name: str | None, steps: str | None, max_steps: int | N
     if src.kind == "local":
         for step in sorted({*selected, *pinned}):
             result.adopt(src.open(available[step]))
+        for a in analyzers:
+            a.check(result.arch.config)
     return result
 
 

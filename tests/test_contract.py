@@ -1,0 +1,147 @@
+"""The analyzer contract seen from outside: options checked before the store opens, changed
+parameters never ignored, numbered reference steps, declared options on the CLI."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+import ckptscope
+from ckptscope.analyzers import registry
+from ckptscope.cli import main
+from ckptscope.store.db import Store
+from runs import neox_state, trajectory, write_run
+
+STEPS = [0, 10, 20, 30]
+
+
+@pytest.fixture(scope="module")
+def suite(tmp_path_factory):
+    base = tmp_path_factory.mktemp("contract")
+    state, config = neox_state()
+    root = write_run(base / "run", trajectory(state, STEPS), config)
+    rng = np.random.default_rng(0)
+    probe = base / "probe.jsonl"
+    probe.write_text("".join(json.dumps({"id": f"p{i}", "tokens": rng.integers(0, 96, 12).tolist()}) + "\n" for i in range(6)))
+    other = base / "other.jsonl"
+    other.write_text("".join(json.dumps({"id": f"q{i}", "tokens": rng.integers(0, 96, 12).tolist()}) + "\n" for i in range(6)))
+    huge = base / "huge.jsonl"
+    huge.write_text(json.dumps({"id": "x", "tokens": [1, 2, 10_000]}) + "\n")
+    store = base / "s.duckdb"
+    ckptscope.ingest(root, store=store, name="m", tokens_per_step=100)
+    return root, store, probe, other, huge, config
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def invoke(*args) -> object:
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def one_line_error(res, *fragments: str) -> None:
+    assert res.exit_code == 1, res.output
+    lines = [line for line in res.output.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and "Traceback" not in res.output, res.output
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+
+
+@pytest.mark.parametrize("args,fragments", [
+    (["--rtol", "5"], ["--rtol 5.0:", "strictly between 0 and 1"]),
+    (["--rtol", "-1"], ["--rtol -1.0:", "strictly between 0 and 1"]),
+    (["--rtol", "nan"], ["--rtol nan:", "strictly between 0 and 1"]),
+    (["--analyzers", "weights,convergence", "--probe", "{probe}", "--batch-size", "-3"], ["--batch-size -3:", "give at least 1"]),
+    (["--analyzers", "convergence", "--probe", "{probe}", "--reference-step", "15"], ["--reference-step 15 is not in the source",
+                                                                                      "10, 20"]),
+    (["--analyzers", "convergence", "--probe", "{huge}"], ["token id 10000", "vocabulary of"]),
+    (["--analyzers", "convergence"], ["analyzer convergence needs --probe"]),
+    (["--probe", "{probe}"], ["--probe: it is an option of analyzer convergence: add it to --analyzers"]),
+    (["--analyzers", "nosuch"], ["unknown analyzer 'nosuch'", "weights"]),
+    (["--tokens-per-step", "7"], ["was ingested with --tokens-per-step 100", "--force"]),
+    (["--rtol", "0.01"], ["analyzer weights: steps 0, 10, 20, 30", "rtol=0.001 (this run: 0.01)", "--force"]),
+], ids=["rtol-5", "rtol-neg", "rtol-nan", "batch-neg", "ref-missing", "vocab", "no-probe", "probe-unchosen", "unknown",
+        "tokens-changed", "rtol-changed"])
+def test_bad_options_are_one_line_errors_and_leave_the_store_untouched(suite, args, fragments):
+    root, store, probe, _, huge, _ = suite
+    before = digest(store)
+    res = invoke("ingest", root, "--store", store, "--name", "m", *(a.format(probe=probe, huge=huge) for a in args))
+    one_line_error(res, *fragments)
+    assert digest(store) == before
+
+
+def test_changed_probe_is_an_error_and_force_recomputes(suite, tmp_path):
+    root, _, probe, other, _, _ = suite
+    store = tmp_path / "s.duckdb"
+    ckptscope.ingest(root, store=store, name="m", analyzers="convergence", probe=probe, steps="0,30")
+    before = digest(store)
+    res = invoke("analyze", "convergence", "m", "--store", store, "--probe", other)
+    one_line_error(res, "analyzer convergence", "probe_sha256=", "--force")
+    assert digest(store) == before
+    res = invoke("analyze", "convergence", "m", "--store", store, "--probe", probe)  # same content: nothing to do
+    assert res.exit_code == 0 and "nothing to do" in res.output
+    res = invoke("analyze", "convergence", "m", "--store", store, "--probe", other, "--force")
+    assert res.exit_code == 0, res.output
+    with Store(store, read_only=True) as db:
+        shas = db.sql("SELECT DISTINCT parameters->>'probe_sha256' AS sha FROM runs WHERE analyzer = 'convergence'")["sha"]
+    assert shas.to_list() == [hashlib.sha256(other.read_bytes()).hexdigest()]
+
+
+def test_force_rewrites_tokens_and_batch_size_is_not_a_changed_parameter(suite, tmp_path):
+    root, _, probe, _, _, _ = suite
+    store = tmp_path / "s.duckdb"
+    ckptscope.ingest(root, store=store, name="m", tokens_per_step=100, analyzers="weights,convergence", probe=probe, batch_size=2)
+    report = ckptscope.ingest(root, store=store, name="m", analyzers="weights,convergence", probe=probe, batch_size=5)
+    assert report.height == 0  # batch size changes how, not what, is computed
+    ckptscope.ingest(root, store=store, name="m", tokens_per_step=7, force=True)
+    with Store(store, read_only=True) as db:
+        assert db.sql("SELECT step, tokens FROM checkpoints ORDER BY step").rows() == [(s, 7 * s) for s in STEPS]
+        assert db.model("m")["tokens_per_step"] == 7
+
+
+def test_reference_step_any_stored_step(suite, tmp_path):
+    """`analyze convergence --reference-step N` compares every step with step N, whichever it is."""
+    root, _, probe, _, _, _ = suite
+    store = tmp_path / "s.duckdb"
+    ckptscope.ingest(root, store=store, name="m")
+    res = invoke("analyze", "convergence", "m", "--store", store, "--probe", probe, "--reference-step", "20", "--batch-size", "4")
+    assert res.exit_code == 0, res.output
+    with Store(store, read_only=True) as db:
+        got = db.sql("SELECT step, layer, component, value FROM metrics WHERE metric = 'cka_ref'")
+        refs = db.sql("SELECT DISTINCT parameters->>'reference' AS r FROM runs WHERE analyzer = 'convergence'")["r"].to_list()
+    assert refs == ["20"] and sorted(set(got["step"])) == STEPS
+    assert set(got.filter(got["step"] == 20)["value"]) == {1.0}  # step 20 is the reference itself
+    # Independent: CKA of residual-stream activations of steps 10 and 20 on the probe, in float64.
+    import torch
+    from transformers import GPTNeoXForCausalLM
+
+    acts = {}
+    for step in (10, 20):
+        model = GPTNeoXForCausalLM.from_pretrained(root / f"step{step}", torch_dtype="float32").eval()
+        rows = [json.loads(line)["tokens"] for line in probe.read_text().splitlines()]
+        with torch.no_grad():
+            hidden = [model(torch.tensor([r]), output_hidden_states=True).hidden_states[1][0] for r in rows]
+        acts[step] = torch.cat(hidden).double().numpy()
+    layer0 = got.filter((got["step"] == 10) & (got["layer"] == 0) & (got["component"] == "resid"))["value"].item()
+    x, y = (a - a.mean(0) for a in (acts[10], acts[20]))
+    expected = np.linalg.norm(y.T @ x) ** 2 / (np.linalg.norm(x.T @ x) * np.linalg.norm(y.T @ y))
+    assert layer0 == pytest.approx(expected, abs=1e-4)
+
+
+def test_declarations_drive_the_cli_and_the_registry():
+    weights = registry.get("weights")
+    res = invoke("ingest", "--help")
+    for d in weights.Options.declared():
+        assert d.flag in res.output
+    res = invoke("analyzers")
+    assert res.exit_code == 0
+    for name in ("weights", "convergence", "memorization"):
+        cls = registry.get(name)
+        assert f"{name} {cls.version} (from ckptscope)" in res.output
+    assert "progress in batches; references: final; tables: metric_values, spectra only" in res.output
