@@ -534,3 +534,37 @@ def test_metric_invariances_and_inequalities(seed: int, rows: int, cols: int, in
     assert m["stable_rank"] <= r + (k - r) * rtol**2 + eps
     # The sub-threshold tail holds ≤ k·rtol² ≤ 1% of the energy, so 99% fits in r values.
     assert 1 <= m["energy_rank_99"] <= r
+
+
+@pytest.mark.filterwarnings("ignore:Passing a dict to DataFrame.from_records")  # inside WW
+def test_delta_init_heavy_tail_matches_weightwatcher_base_model(tmp_path) -> None:
+    """`delta_init_alpha` and companions are WeightWatcher's delta analysis (base_model) of W_t − W_first."""
+    ww = pytest.importorskip("weightwatcher")
+    from safetensors.torch import save_file
+
+    from ckptscope.analyzers.contract import AnalysisContext
+    from ckptscope.analyzers.weights import WeightAnalyzer
+    from ckptscope.sources.checkpoint import Checkpoint
+
+    base = _linear_weights()["default_init"]
+    trained = base + _linear_weights()["heavy_tailed"]
+    ckpts = {}
+    for step, weight in ((0, base), (1, trained)):
+        (tmp_path / f"step{step}").mkdir()
+        save_file({"proj.weight": weight.contiguous()}, tmp_path / f"step{step}" / "model.safetensors")
+        ckpts[step] = Checkpoint(tmp_path / f"step{step}", step=step)
+    ctx = AnalysisContext(checkpoint=ckpts[1], family="unknown", config=None, references={"first": ckpts[0], "previous": ckpts[0]})
+    rows = WeightAnalyzer.of().analyze(ctx).metrics
+    got = {k: v for k, v in zip(rows["metric"], rows["value"])}
+    layers = [torch.nn.Sequential(torch.nn.Linear(200, 300, bias=False)) for _ in range(2)]
+    with torch.no_grad():
+        layers[0][0].weight.copy_(base)
+        layers[1][0].weight.copy_(trained)
+    # WW 0.7.7 takes the base model in its constructor; analyze(base_model=...) on an instance built
+    # without one silently analyzes W itself (measured: alpha 4.18 of W instead of 1.71 of ΔW).
+    row = ww.WeightWatcher(model=layers[1], base_model=layers[0]).analyze().iloc[0]
+    assert got["delta_init_alpha"] == pytest.approx(row["alpha"], rel=1e-3)
+    assert got["delta_init_alpha_weighted"] == pytest.approx(row["alpha_weighted"], rel=1e-3)
+    assert got["delta_init_log_norm"] == pytest.approx(row["log_norm"], rel=1e-6)
+    assert got["delta_init_alpha_xmin"] == pytest.approx(row["xmin"], rel=1e-6)
+    assert got["delta_init_num_pl_spikes"] == row["num_pl_spikes"]

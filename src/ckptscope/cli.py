@@ -185,7 +185,27 @@ def analyze_group() -> click.Group:
     for name, f in sorted(registry.discover().items()):
         if f.cls is not None:
             group.add_command(_analyze_command(name, f.cls))
+    group.add_command(_profile_command())  # reads the store, not checkpoints: not an analyzer
     return group
+
+
+def _profile_command() -> click.Command:
+    from ckptscope.cli_options import apply, collect, flags
+    from ckptscope.profile_run import ProfileOptions
+
+    found = flags({"": ProfileOptions.declared()})
+
+    @click.argument("model")
+    @_store_option
+    @_friendly
+    def command(model, store, **values):
+        """Memorisation profile: ATT(g, t) of training on a sequence, from stored sequence_stats."""
+        from ckptscope.profile_run import describe, profile
+
+        flat, _ = collect(found, values)
+        display.line(out, describe(profile(model, store=store, **flat)))
+
+    return click.command(name="profile")(apply(command, found))
 
 
 def _analyze_command(name: str, cls: type) -> click.Command:

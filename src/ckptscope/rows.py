@@ -21,8 +21,9 @@ ARROW_TYPES = {"VARCHAR": pa.string(), "BIGINT": pa.int64(), "INTEGER": pa.int64
 class Table:
     """A table an analyzer writes besides `metric_values` and `spectra`.
 
-    Every row also gets `run_id`, `model` and `step` (the store adds them), so the rows of a
-    run are replaced with it. `columns` maps each column to a DuckDB type (`ARROW_TYPES`) and,
+    Every row also gets `run_id`, `model` and `step` (the store adds them: `step` is the run's
+    unless the rows give their own, as a model-level analysis over many steps does), so the rows
+    of a run are replaced with it. `columns` maps each column to a DuckDB type (`ARROW_TYPES`) and,
     after a `--`, its documentation; `key` names the columns that identify a row within a step.
     `views` are `CREATE OR REPLACE VIEW` statements over the table, created with it.
     """

@@ -150,7 +150,7 @@ class WeightAnalyzer(Analyzer):
     """
 
     name = "weights"
-    version = "1.1.0"
+    version = "1.2.0"
     Options = WeightOptions
     unit = "tensors"
     final_metrics = FINAL_METRICS
@@ -307,6 +307,8 @@ class WeightAnalyzer(Analyzer):
             if ref is not None and math.isfinite(sq_diff):  # a NaN/Inf reference gives no delta
                 delta, sv_d = self._spectrum(tier, m["w"], ref, g, sq_diff)
                 values.update(self._delta(f"{kind}_", delta, sq_ref))
+                if kind == "delta_init" and tier == "exact":  # WeightWatcher's analyze(base_model=first step)
+                    values.update(_prefixed("delta_init_", heavy_tail_metrics(sv_d)))
                 if sv_d is not None and kind in self.spectra:
                     out.add_spectrum(name, role.layer, component, kind, shape, sv_d, tier=tier)
             elif kind == "delta_init" and ctx.first is None:  # this is the first step: ΔW = 0 exactly

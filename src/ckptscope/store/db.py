@@ -265,6 +265,32 @@ class Store:
                 self._add_anomaly(model, step, None, "duplicate_checkpoint",
                                   f"weights are byte-identical to step {dup} (sha256 {digest[:16]}…)")
 
+    def replace_analysis(self, model: str, step: int, run: RunRows, tables: Sequence[tuple[str, Table]],
+                         same: dict[str, Any]) -> int:
+        """Write a model-level analysis (one run over the stored rows, e.g. a memorisation profile) in
+        one transaction, replacing earlier runs of the same analyzer whose parameters agree on `same`.
+
+        `step` is the last step the analysis covers (runs rows belong to a step). Returns the run_id.
+        """
+        declared = {t.name: t for _, t in tables}
+        with self._transaction():
+            self._ensure_tables(tables)
+            old = [rid for rid, params in self.con.execute(
+                "SELECT run_id, parameters FROM runs WHERE model = ? AND analyzer = ?", [model, run.analyzer]).fetchall()
+                if all(json.loads(params).get(k) == v for k, v in same.items())]
+            for table in self.run_tables() if old else ():
+                self.con.execute(f"DELETE FROM {table} WHERE run_id IN ({', '.join('?' * len(old))})", old)
+            run_id = self._scalar("SELECT nextval('run_ids')")
+            self.con.execute(
+                "INSERT INTO runs (run_id, model, step, analyzer, version, parameters, dtype, backend) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                [run_id, model, step, run.analyzer, run.version, json.dumps(run.parameters, sort_keys=True), run.dtype, run.backend])
+            for table, columns in run.tables.items():
+                if columns and len(next(iter(columns.values()))):
+                    self._insert(table, model, step, run_id, columns, declared=declared[table])
+            for tensor, kind, detail in run.anomalies:
+                self._add_anomaly(model, step, tensor, kind, detail, run_id)
+        return run_id
+
     def replace_metrics(self, model: str, step: int, analyzer: str, metrics: list[str], rows: RunRows, parameters: dict) -> None:
         """Swap some metrics of an existing run for recomputed ones, in one transaction.
 
@@ -394,10 +420,11 @@ class Store:
         if run_id is not None:
             data["run_id"] = pa.array([run_id] * n, pa.int64())
         data["model"] = pa.array([model] * n, pa.string())
-        data["step"] = pa.array([step] * n, pa.int64())
+        if "step" not in columns:  # rows of a model-level analysis carry the step each is about
+            data["step"] = pa.array([step] * n, pa.int64())
         for key, values in columns.items():
-            if declared is None:
-                data[key] = column(key, values)
+            if declared is None or key not in declared.columns:
+                data[key] = column(key, values) if key != "step" else pa.array(values, pa.int64())
             elif isinstance(values, pa.Array):
                 data[key] = values.cast(declared.arrow_type(key))
             else:
