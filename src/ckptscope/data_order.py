@@ -122,7 +122,7 @@ def parse_steps(spec: str | None, last: int) -> range:
         return range(1, last + 1)
     m = re.fullmatch(r"\s*(\d+)\s*(?::\s*(\d+)\s*(?::\s*(\d+)\s*)?)?", spec)
     if not m:
-        raise DataOrderError(f"--steps {spec!r}: use A:B or A:B:S (first-seen steps, B inclusive), e.g. 1:143000:1000")
+        raise DataOrderError(f"--steps {spec!r}: use A:B[:S] (first-seen steps A to B inclusive, every S-th), e.g. 1:143000:1000")
     lo = int(m[1])
     hi = int(m[2]) if m[2] is not None else lo
     stride = int(m[3]) if m[3] is not None else 1
