@@ -22,7 +22,6 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
-import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ckptscope.errors import CkptscopeError
@@ -180,55 +179,57 @@ def corpus_from_data(prefix: Path | str, output: Path | str, batch_size: int = 1
         if heldout_count > len(held):
             raise DataOrderError(f"--heldout-count {heldout_count}: {held.prefix} holds only {len(held)} items")
 
-    token_type = pa.int64() if data.dtype.itemsize == 8 or (held is not None and held.dtype.itemsize == 8) else pa.int32()
-    schema = pa.schema([("id", pa.string()), ("tokens", pa.list_(token_type)),
-                        ("first_seen_step", pa.int64()), ("split", pa.string())])
+    # int32 holds every token id but int64's; polars builds the rows (pyarrow.array would import pandas, seconds per run)
+    token_type = pl.Int64 if data.dtype.itemsize == 8 or (held is not None and held.dtype.itemsize == 8) else pl.Int32
     tmp = output.with_name(output.name + ".partial")  # renamed at the end: an interrupted run leaves no corpus behind
-    groups: list[pa.Table] = []
+    groups: list[pl.DataFrame] = []
     try:
-        with pq.ParquetWriter(tmp, schema) as writer:
-            for group in _row_groups(_parts(data, held, chosen, batch_size, seq_len, per_step, seed, heldout_count,
-                                            token_type, schema), seq_len):
-                writer.write_table(group)
-                groups.append(group)
+        writer = None
+        for group in _row_groups(_parts(data, held, chosen, batch_size, seq_len, per_step, seed, heldout_count, token_type),
+                                 seq_len):
+            table = group.to_arrow()
+            # zstd without a dictionary for the tokens: twice as fast to write as the default, ~20% larger files
+            writer = writer or pq.ParquetWriter(tmp, table.schema, compression="zstd", use_dictionary=["split"])
+            writer.write_table(table)
+            groups.append(group)
+        writer.close()
         tmp.replace(output)
     finally:
         tmp.unlink(missing_ok=True)
-    return pl.from_arrow(pa.concat_tables(groups) if groups else schema.empty_table())
+    return pl.concat(groups, rechunk=False)
 
 
 def _parts(data: IndexedDataset, held: IndexedDataset | None, chosen: range, batch_size: int, seq_len: int,
-           per_step: int | None, seed: int, heldout_count: int, token_type: pa.DataType, schema: pa.Schema) -> Iterator[pa.Table]:
+           per_step: int | None, seed: int, heldout_count: int, token_type: type[pl.DataType]) -> Iterator[pl.DataFrame]:
     """Corpus rows one step at a time, then the held-out sample in slices of at most one batch."""
     for step in chosen:
         index = (step - 1) * batch_size + _sample(step, seed, batch_size, per_step)
-        yield _rows(data, index, seq_len, "train", step, token_type, schema, "PREFIX")
+        yield _rows(data, index, seq_len, "train", step, token_type, "PREFIX")
     if held is not None:
         index = _sample(HELDOUT_STREAM, seed, len(held), heldout_count)
         for start in range(0, len(index), batch_size):
-            yield _rows(held, index[start : start + batch_size], seq_len, "heldout", None, token_type, schema, "--heldout")
+            yield _rows(held, index[start : start + batch_size], seq_len, "heldout", None, token_type, "--heldout")
 
 
-def _row_groups(parts: Iterator[pa.Table], seq_len: int) -> Iterator[pa.Table]:
+def _row_groups(parts: Iterator[pl.DataFrame], seq_len: int) -> Iterator[pl.DataFrame]:
     """Parts merged into Parquet row groups of about ROW_GROUP_TOKENS tokens (memory per group stays bounded)."""
-    pending: list[pa.Table] = []
+    pending: list[pl.DataFrame] = []
     for part in parts:
         pending.append(part)
-        if sum(t.num_rows for t in pending) * seq_len >= ROW_GROUP_TOKENS:
-            yield pa.concat_tables(pending)
+        if sum(t.height for t in pending) * seq_len >= ROW_GROUP_TOKENS:
+            yield pl.concat(pending)
             pending = []
     if pending:
-        yield pa.concat_tables(pending)
+        yield pl.concat(pending)
 
 
 def _rows(data: IndexedDataset, index: np.ndarray, seq_len: int, split: str, step: int | None,
-          token_type: pa.DataType, schema: pa.Schema, what: str) -> pa.Table:
-    """Corpus rows for items `index` of one dataset: ids, flat token lists, first-seen step and split."""
-    tokens = data.read(index, seq_len, what).astype(token_type.to_pandas_dtype(), copy=False).reshape(-1)
-    offsets = pa.array(np.arange(len(index) + 1, dtype=np.int32) * seq_len, pa.int32())
-    return pa.table({
-        "id": pa.array([f"{split}:{i}" for i in index.tolist()], pa.string()),
-        "tokens": pa.ListArray.from_arrays(offsets, pa.array(tokens, token_type)),
-        "first_seen_step": pa.array([step] * len(index), pa.int64()),
-        "split": pa.array([split] * len(index), pa.string()),
-    }, schema=schema)
+          token_type: type[pl.DataType], what: str) -> pl.DataFrame:
+    """Corpus rows for items `index` of one dataset: ids, token lists, first-seen step and split."""
+    tokens = data.read(index, seq_len, what).astype(np.int64 if token_type == pl.Int64 else np.int32, copy=False)
+    return pl.DataFrame({
+        "id": [f"{split}:{i}" for i in index.tolist()],
+        "tokens": pl.Series(tokens).cast(pl.List(token_type)),
+        "first_seen_step": pl.Series([step] * len(index), dtype=pl.Int64),
+        "split": [split] * len(index),
+    })
