@@ -183,8 +183,8 @@ def corpus_from_data(prefix: Path | str, output: Path | str, batch_size: int = 1
     token_type = pl.Int64 if data.dtype.itemsize == 8 or (held is not None and held.dtype.itemsize == 8) else pl.Int32
     tmp = output.with_name(output.name + ".partial")  # renamed at the end: an interrupted run leaves no corpus behind
     groups: list[pl.DataFrame] = []
+    writer = None
     try:
-        writer = None
         for group in _row_groups(_parts(data, held, chosen, batch_size, seq_len, per_step, seed, heldout_count, token_type),
                                  seq_len):
             table = group.to_arrow()
@@ -195,6 +195,8 @@ def corpus_from_data(prefix: Path | str, output: Path | str, batch_size: int = 1
         writer.close()
         tmp.replace(output)
     finally:
+        if writer is not None and writer.is_open:
+            writer.close()
         tmp.unlink(missing_ok=True)
     return pl.concat(groups, rechunk=False)
 
