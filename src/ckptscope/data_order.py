@@ -205,8 +205,8 @@ def _parts(data: IndexedDataset, held: IndexedDataset | None, chosen: range, bat
            per_step: int | None, seed: int, heldout_count: int, token_type: type[pl.DataType]) -> Iterator[pl.DataFrame]:
     """Corpus rows one step at a time, then the held-out sample in slices of at most one batch."""
     for step in chosen:
-        index = (step - 1) * batch_size + _sample(step, seed, batch_size, per_step)
-        yield _rows(data, index, seq_len, "train", step, token_type, "PREFIX")
+        index = (step - 1) * batch_size + _sample(step, seed, batch_size, per_step)  # the items whose first_seen_step is step
+        yield _rows(data, index, seq_len, "train", first_seen_step(index, batch_size), token_type, "PREFIX")
     if held is not None:
         index = _sample(HELDOUT_STREAM, seed, len(held), heldout_count)
         for start in range(0, len(index), batch_size):
@@ -225,13 +225,13 @@ def _row_groups(parts: Iterator[pl.DataFrame], seq_len: int) -> Iterator[pl.Data
         yield pl.concat(pending)
 
 
-def _rows(data: IndexedDataset, index: np.ndarray, seq_len: int, split: str, step: int | None,
+def _rows(data: IndexedDataset, index: np.ndarray, seq_len: int, split: str, seen: np.ndarray | None,
           token_type: type[pl.DataType], what: str) -> pl.DataFrame:
     """Corpus rows for items `index` of one dataset: ids, token lists, first-seen step and split."""
     tokens = data.read(index, seq_len, what).astype(np.int64 if token_type == pl.Int64 else np.int32, copy=False)
     return pl.DataFrame({
         "id": [f"{split}:{i}" for i in index.tolist()],
         "tokens": pl.Series(tokens).cast(pl.List(token_type)),
-        "first_seen_step": pl.Series([step] * len(index), dtype=pl.Int64),
+        "first_seen_step": pl.Series(seen if seen is not None else [None] * len(index), dtype=pl.Int64),
         "split": [split] * len(index),
     })
