@@ -28,7 +28,7 @@ from ckptscope.errors import CkptscopeError
 from ckptscope.options import Options, at_least, existing_file, option
 from ckptscope.rows import RunRows, Table
 
-POSITIONS_PER_CHUNK = 256  # predicted positions whose float64 log-probabilities exist at once (256 × vocab × 8 bytes)
+POSITIONS_PER_CHUNK = 256  # predicted positions whose probabilities exist at once (256 × vocab × 4 bytes, twice)
 
 
 @dataclass(frozen=True)
@@ -121,13 +121,21 @@ class SequenceStatsAnalyzer(Analyzer):
         lengths = mask[:, 1:].sum(1).tolist()  # predicted positions of each row: its length − 1
         out = torch.zeros(len(ids), 4, dtype=torch.float64, device=logits.device)
         for row, n in enumerate(lengths):
-            for lo in range(0, n, POSITIONS_PER_CHUNK):  # bounded float64 temporaries, whatever the vocabulary
+            for lo in range(0, n, POSITIONS_PER_CHUNK):  # bounded temporaries, whatever the vocabulary
                 z = logits[row, lo : min(n, lo + POSITIONS_PER_CHUNK)]
                 true = targets[row, lo : lo + len(z), None]
                 # Ranks compare logits in the model's own dtype: the log-softmax shift is common to every
                 # entry, and comparing before it avoids ties that rounding the shifted values would create.
                 rank = (z > z.gather(1, true)).sum(1)
-                logp = torch.log_softmax(z.double(), -1)
-                entropy = -(logp.exp() * logp).sum(1)
-                out[row] += torch.stack([-logp.gather(1, true).sum(), (rank == 0).sum().double(), rank.sum().double(), entropy.sum()])
+                # The rest in the logits' dtype, at least float32, relative to each row's maximum (so the
+                # entropy's two terms stay small); the per-sequence sums accumulate in float64.
+                shifted = z.to(torch.promote_types(z.dtype, torch.float32))
+                shifted = shifted - shifted.max(1, keepdim=True).values
+                e = shifted.exp()
+                total = e.sum(1, keepdim=True)
+                lse = total.log()[:, 0]  # log Σ exp(shifted): ℓ = shifted − lse
+                entropy = lse - (e * shifted).sum(1) / total[:, 0]
+                sup = lse - shifted.gather(1, true)[:, 0]
+                out[row] += torch.stack([sup.sum(dtype=torch.float64), (rank == 0).sum().double(), rank.sum().double(),
+                                         entropy.sum(dtype=torch.float64)])
         return out.cpu().numpy()
