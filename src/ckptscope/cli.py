@@ -434,5 +434,32 @@ def plot(metric, store, model, component, output):
     out.print(f"wrote {path}", highlight=False, soft_wrap=True)
 
 
+@main.group(name="corpus")
+def corpus_group() -> None:
+    """Build corpus files (token sequences) for the activation analyzers."""
+
+
+@corpus_group.command(name="from-data")
+@click.argument("prefix", type=click.Path(path_type=Path))
+@click.option("--output", "-o", type=click.Path(path_type=Path), required=True, help="Parquet corpus to write.")
+@click.option("--batch-size", type=int, default=1024, show_default=True, help="Sequences per optimizer step (Pythia: 1024).")
+@click.option("--seq-len", type=int, default=2049, show_default=True, help="Tokens per sequence (Pythia: 2049).")
+@click.option("--steps", help="First-seen steps A:B or A:B:S, B inclusive [default: every complete batch].")
+@click.option("--per-step", type=int, help="Sequences sampled per selected step [default: all].")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the per-step (and held-out) samples.")
+@click.option("--heldout", type=click.Path(path_type=Path), help="Second MMapIndexedDataset of never-trained sequences.")
+@click.option("--heldout-count", type=int, default=0, help="Held-out sequences to sample from --heldout.")
+@_friendly
+def corpus_from_data(prefix, output, batch_size, seq_len, steps, per_step, seed, heldout, heldout_count):
+    """Write the training sequences that steps saw, read from the MMapIndexedDataset PREFIX(.bin/.idx), as a corpus."""
+    from ckptscope.data_order import corpus_from_data as build
+
+    df = build(prefix, output, batch_size=batch_size, seq_len=seq_len, steps=steps, per_step=per_step, seed=seed,
+               heldout=heldout, heldout_count=heldout_count)
+    train = df.filter(pl.col("split") == "train")
+    out.print(f"wrote {df.height} sequences to {output}: {train.height} train from {train['first_seen_step'].n_unique()} "
+              f"step(s), {df.height - train.height} held out", highlight=False, soft_wrap=True)
+
+
 if __name__ == "__main__":
     main()

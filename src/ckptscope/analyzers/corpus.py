@@ -3,7 +3,8 @@
 Accepted formats (chosen by suffix):
 
 * JSON Lines (`.jsonl`, `.json`): one object per line with `id` and either `tokens` (a list of
-  token ids) or `text`, plus an optional `first_seen_step`;
+  token ids) or `text`, plus optional `first_seen_step` and `split` (`train`/`heldout`, as
+  `ckptscope corpus from-data` writes);
 * Parquet (`.parquet`): the same columns;
 * NumPy (`.npy`): a 2-D integer array, one sequence per row, ids are row numbers (the layout of
   Pythia's `batch_viewer.py` output).
@@ -29,17 +30,19 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tok
 
 @dataclass
 class Sequences:
-    """Token sequences with their ids; `first_seen_step` is None where the file does not say."""
+    """Token sequences with their ids; `first_seen_step` and `split` are None where the file does not say."""
 
     ids: list[str]
     tokens: list[np.ndarray]  # 1-D integer arrays (int64, or memory-mapped rows of a .npy file)
     first_seen_step: list[int | None]
+    split: list[str | None]
 
     def __len__(self) -> int:
         return len(self.ids)
 
     def subset(self, keep: list[int]) -> Sequences:
-        return Sequences([self.ids[i] for i in keep], [self.tokens[i] for i in keep], [self.first_seen_step[i] for i in keep])
+        return Sequences([self.ids[i] for i in keep], [self.tokens[i] for i in keep], [self.first_seen_step[i] for i in keep],
+                         [self.split[i] for i in keep])
 
 
 @dataclass
@@ -51,6 +54,7 @@ class Corpus:
     ids: list[str]
     rows: list[np.ndarray | str]
     first_seen_step: list[int | None]
+    split: list[str | None]
     _tokenized: Sequences | None = field(default=None, repr=False)
 
     def provenance(self, key: str) -> dict[str, str]:
@@ -73,7 +77,7 @@ class Corpus:
                 encoded = tokenizer([self.rows[i] for i in texts])["input_ids"]
                 for i, ids in zip(texts, encoded):
                     tokens[i] = np.asarray(ids, dtype=np.int64)
-            self._tokenized = Sequences(self.ids, tokens, self.first_seen_step)
+            self._tokenized = Sequences(self.ids, tokens, self.first_seen_step, self.split)
         return self._tokenized
 
 
@@ -93,11 +97,11 @@ def load_corpus(path: Path | str, what: str = "corpus") -> Corpus:
     suffix = path.suffix.lower()
     try:
         if suffix in (".jsonl", ".json"):
-            ids, rows, seen = _read_jsonl(path, what)
+            ids, rows, seen, split = _read_jsonl(path, what)
         elif suffix == ".parquet":
-            ids, rows, seen = _read_parquet(path, what)
+            ids, rows, seen, split = _read_parquet(path, what)
         elif suffix == ".npy":
-            ids, rows, seen = _read_npy(path, what)
+            ids, rows, seen, split = _read_npy(path, what)
         else:
             raise CkptscopeError(f"--{what} {path}: unknown format {suffix or '(no suffix)'}; use .jsonl, .parquet or .npy")
     except CkptscopeError:
@@ -107,7 +111,7 @@ def load_corpus(path: Path | str, what: str = "corpus") -> Corpus:
         raise CkptscopeError(f"--{what} {path}: cannot read it ({first})") from None
     if not ids:
         raise CkptscopeError(f"--{what} {path}: the file holds no sequences")
-    return Corpus(path, file_sha256(path), ids, rows, seen)
+    return Corpus(path, file_sha256(path), ids, rows, seen, split)
 
 
 def _token_array(value: object, where: str) -> np.ndarray:
@@ -119,8 +123,8 @@ def _token_array(value: object, where: str) -> np.ndarray:
     return arr.astype(np.int64)
 
 
-def _row(record: dict, index: int, where: str) -> tuple[str, np.ndarray | str, int | None]:
-    """One record as (id, tokens or text, first_seen_step); the id defaults to the row number."""
+def _row(record: dict, index: int, where: str) -> tuple[str, np.ndarray | str, int | None, str | None]:
+    """One record as (id, tokens or text, first_seen_step, split); the id defaults to the row number."""
     rid = record.get("id")
     rid = str(index) if rid is None else str(rid)
     if record.get("tokens") is not None:
@@ -132,11 +136,14 @@ def _row(record: dict, index: int, where: str) -> tuple[str, np.ndarray | str, i
     seen = record.get("first_seen_step")
     if seen is not None and (isinstance(seen, bool) or not isinstance(seen, (int, np.integer))):
         raise CkptscopeError(f"{where}: `first_seen_step` must be an integer step")
-    return rid, value, None if seen is None else int(seen)
+    split = record.get("split")
+    if split is not None and not isinstance(split, str):
+        raise CkptscopeError(f"{where}: `split` must be a string such as train or heldout")
+    return rid, value, None if seen is None else int(seen), split
 
 
-def _read_jsonl(path: Path, what: str) -> tuple[list, list, list]:
-    ids, rows, seen = [], [], []
+def _read_jsonl(path: Path, what: str) -> tuple[list, list, list, list]:
+    ids, rows, seen, splits = [], [], [], []
     with open(path, encoding="utf-8") as fh:
         for lineno, line in enumerate(fh, 1):
             if not line.strip():
@@ -148,34 +155,36 @@ def _read_jsonl(path: Path, what: str) -> tuple[list, list, list]:
                 raise CkptscopeError(f"{where}: not valid JSON") from None
             if not isinstance(record, dict):
                 raise CkptscopeError(f"{where}: expected a JSON object with `id` and `tokens` or `text`")
-            rid, value, first = _row(record, len(ids), where)
+            rid, value, first, split = _row(record, len(ids), where)
             ids.append(rid)
             rows.append(value)
             seen.append(first)
-    return ids, rows, seen
+            splits.append(split)
+    return ids, rows, seen, splits
 
 
-def _read_parquet(path: Path, what: str) -> tuple[list, list, list]:
+def _read_parquet(path: Path, what: str) -> tuple[list, list, list, list]:
     import pyarrow.parquet as pq
 
     table = pq.read_table(path)
     if "tokens" not in table.column_names and "text" not in table.column_names:
         raise CkptscopeError(f"--{what} {path}: needs a `tokens` or `text` column (has {', '.join(table.column_names)})")
-    ids, rows, seen = [], [], []
+    ids, rows, seen, splits = [], [], [], []
     for i, record in enumerate(table.to_pylist()):
-        rid, value, first = _row(record, i, f"--{what} {path} row {i}")
+        rid, value, first, split = _row(record, i, f"--{what} {path} row {i}")
         ids.append(rid)
         rows.append(value)
         seen.append(first)
-    return ids, rows, seen
+        splits.append(split)
+    return ids, rows, seen, splits
 
 
-def _read_npy(path: Path, what: str) -> tuple[list, list, list]:
+def _read_npy(path: Path, what: str) -> tuple[list, list, list, list]:
     data = np.load(path, mmap_mode="r", allow_pickle=False)
     if data.ndim != 2 or data.dtype.kind not in "iu":
         raise CkptscopeError(f"--{what} {path}: expected a 2-D integer array of token ids, got {data.ndim}-D {data.dtype}")
     rows = list(data)  # views into the memory map: rows are read when used, not all at once
-    return [str(i) for i in range(len(rows))], rows, [None] * len(rows)
+    return [str(i) for i in range(len(rows))], rows, [None] * len(rows), [None] * len(rows)
 
 
 def load_tokenizer(dirs: list[Path], corpus: Path):
