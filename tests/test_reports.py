@@ -25,6 +25,7 @@ import torch
 from click.testing import CliRunner
 
 import ckptscope
+from ckptscope.analyzers.memorization import MEMORIZATION
 from ckptscope.cli import main
 from ckptscope.errors import CkptscopeError
 from ckptscope.reports import build_report, metric_figure, plot_metric
@@ -146,6 +147,8 @@ def convergence_store(two_models, tmp_path_factory) -> Path:
         cols = ["run_id", "model", "step", "tensor", "layer", "component", "metric", "value"]
         db.con.register("synthetic_metrics", pa.table(dict(zip(cols, map(list, zip(*metric_rows))))))
         db.con.execute(f"INSERT INTO metric_values ({', '.join(cols)}) SELECT * FROM synthetic_metrics")
+        for statement in (MEMORIZATION.ddl(), *MEMORIZATION.views):  # the table the memorization analyzer declares
+            db.con.execute(statement)
         db.con.executemany("INSERT INTO memorization (run_id, model, step, sequence_id, score, memorized, loss) "
                            "VALUES (?, ?, ?, ?, ?, ?, ?)", mem_rows)
     return store

@@ -366,6 +366,7 @@ def demo(store):
 
     with Store(store) as db:
         ingest(suite, store=db, name="demo-neox", tokens_per_step=_demo_tokens_per_step(suite), progress=True)
+    where = shlex.quote(str(store))
     with Store(store, read_only=True) as db:
         for title, query in DEMO_QUERIES:  # each command on one line, quoted for bash, to be copied as it is
             out.print()
