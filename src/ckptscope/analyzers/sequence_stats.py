@@ -37,7 +37,7 @@ class SequenceStatsOptions(Options):
     corpus: Path = option(help="Token sequences to score (Parquet from `ckptscope corpus from-data`, JSONL or .npy).",
                           check=existing_file, digest=True, metavar="FILE")
     batch_size: int = option(4, help="Sequences per forward pass (logits take batch × length × vocab × 4 bytes).",
-                             check=at_least(1))
+                             check=at_least(1), affects_results=False)
 
 
 class SequenceStatsAnalyzer(Analyzer):
