@@ -324,6 +324,7 @@ def suites(name):
         "suite": [s.name for s in entries], "family": [s.family for s in entries],
         "repo": [s.repo or s.repo_glob for s in entries],
         "tokens/step": [str(s.tokens_per_step or "") for s in entries],
+        "seed group": [f"{s.group} seed {s.seed}" if s.group else "" for s in entries],
         **({"steps": [s.grid_text() for s in entries]} if name else {}),
     })
     display.show(out, table, f"{len(entries)} catalog entr{'y' if len(entries) == 1 else 'ies'}; any other org/name is discovered at run time")
@@ -347,6 +348,11 @@ def ls(store):
     ), "models", whole={"model", "arch", "tokens"})
     for model, analyzers, source in summary.select("model", "analyzers", "source").iter_rows():
         display.line(out, f"{model}: analyzers {(analyzers or 'none').replace(',', ', ')}; source {source}")
+    from ckptscope.seeds import groups
+
+    seed_groups = groups(store or default_store_path())
+    if seed_groups.height:
+        display.show(out, seed_groups, "seed groups (see `ckptscope seeds GROUP --metric M`)", whole={"group_name"})
     if anomalies.height:
         display.show(out, anomalies.select("model", "step", "tensor", "kind", "detail").head(50),
                      f"anomalies ({anomalies.height}{', first 50 shown' if anomalies.height > 50 else ''})")
@@ -460,6 +466,53 @@ def corpus_from_data(prefix, output, batch_size, seq_len, steps, per_step, seed,
     train = df.filter(pl.col("split") == "train")
     out.print(f"wrote {df.height} sequences to {output}: {train.height} train from {train['first_seen_step'].n_unique()} "
               f"step(s), {df.height - train.height} held out", highlight=False, soft_wrap=True)
+
+
+@main.command()
+@click.argument("group")
+@_store_option
+@click.option("--metric", required=True, help="A metric (stable_rank) or a per-sequence outcome TABLE.COLUMN (memorization.score).")
+@click.option("--component", help="Only this component, e.g. attn.qkv [default: all].")
+@click.option("--compare", help="Another seed group: the difference compare − GROUP, its interval and p-value.")
+@click.option("--bootstrap", type=click.IntRange(min=0), default=1000, show_default=True, help="Multi-Bootstrap resamples; 0: no intervals.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the resampling: the same seed prints the same output.")
+@click.option("--paired-seeds", is_flag=True, help="--compare: the groups share seed numbers; resample them together.")
+@click.option("--axis", type=click.Choice(["step", "tokens", "progress"]), default="step", show_default=True,
+              help="Align steps by step, tokens seen or training progress (step / last common step).")
+@click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table", show_default=True)
+@_friendly
+def seeds(group, store, metric, component, compare, bootstrap, seed, paired_seeds, axis, fmt):
+    """Across the seeds of GROUP: mean, spread and Multi-Bootstrap 95% intervals of METRIC per step."""
+    from ckptscope.seeds import seed_intervals
+
+    df = seed_intervals(group, metric, store=store, component=component, compare=compare, nboot=bootstrap, seed=seed,
+                        axis=axis, paired_seeds=paired_seeds)
+    if fmt == "table":  # what every row shares goes to the title; csv and json keep every column
+        shared = [c for c in ("group_name", "compare", "metric", "tensor") if c in df.columns]
+        empty = [c for c in df.columns if df[c].null_count() == df.height]
+        display.show(out, df.drop(*shared, *empty), f"{metric} across the seeds of {group}" + (f" vs {compare}" if compare else ""),
+                     max_rows=0)
+    else:
+        click.echo(df.write_csv() if fmt == "csv" else df.write_json(), nl=fmt == "json")
+
+
+@main.command()
+@click.argument("target")
+@_store_option
+@click.option("--metrics", help="Comma-separated metrics, each averaged over a step's layer tensors "
+                                "[default: frobenius_norm, spectral_norm, stable_rank, delta_init_relative, delta_prev_relative].")
+@click.option("--max-states", type=click.IntRange(min=1), default=8, show_default=True, help="Most HMM states tried; BIC chooses.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the HMM restarts: the same seed gives the same phases.")
+@_friendly
+def phases(target, store, metrics, max_states, seed):
+    """Fit training phases (a Gaussian HMM over per-step metrics) to a model or jointly to a seed GROUP; store them."""
+    from ckptscope.phases import fit_phases
+
+    df = fit_phases(target, store=store, metrics=_names(metrics), max_states=max_states, seed=seed)
+    spans = (df.with_columns(span=pl.col("state").rle_id().over("model"))  # consecutive steps in one state
+             .group_by("model", "span", maintain_order=True).agg(pl.col("state").first(), pl.col("step").min().alias("from_step"),
+                                                                  pl.col("step").max().alias("to_step")).drop("span"))
+    display.show(out, spans, f"states visited: {df['state'].n_unique()}; stored in training_phases, the HMM in runs (analyzer 'phases')")
 
 
 if __name__ == "__main__":

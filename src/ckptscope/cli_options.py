@@ -3,7 +3,8 @@
 `flags(declarations)` turns the declared fields of sources, executors and analyzers into click
 options; their defaults stay in the declaration (click's default is None, so only what the user
 typed is passed on, and `Options.build` fills in the rest and checks it). An option name that
-analyzers declare with different types gets one flag per analyzer, `--ANALYZER-NAME`.
+analyzers declare with different types, or that an analyzer shares with a source or executor option
+(`--seed` of a seed group and mp_fit's), gets one flag per analyzer, `--ANALYZER-NAME`.
 """
 
 from __future__ import annotations
@@ -56,12 +57,16 @@ def flags(groups: dict[str, list[Declared]], *, required: bool = False) -> list[
     out: list[Flag] = []
     for name, entries in by_name.items():
         kinds = {(d.type, d.choices) for _, d in entries}
-        if len(kinds) == 1:
+        shadowed = "" in (o for o, _ in entries) and len(entries) > 1  # a source/executor option keeps its flag
+        if len(kinds) == 1 and not shadowed:
             owners = tuple(o for o, _ in entries if o)
             d = entries[0][1]
             out.append(Flag(name, name, owners or None, d))
         else:  # same name, other meaning: one flag per owner
             for owner, d in entries:
+                if owner == "":
+                    out.append(Flag(name, name, None, d))
+                    continue
                 qualified = f"{owner}_{name}"
                 out.append(Flag(qualified, name, (owner,), Declared(qualified, d.type, d.default, d.required, d.help,
                                                                      d.choices, d.metavar, d.optional,

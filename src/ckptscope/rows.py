@@ -103,6 +103,8 @@ class ModelRow:
     num_parameters: int | None
     tokens_per_step: int | None
     config: dict | None
+    group_name: str | None = None  # seed replicates: the group and this model's seed in it (None: keep what is stored)
+    seed: int | None = None
 
 
 @dataclass

@@ -28,6 +28,7 @@ from ckptscope.pipeline.executors import Executor, ExecutorSpec, StepsFailed, de
 from ckptscope.pipeline.plan import MAX_LISTED, Plan, plan, reconcile
 from ckptscope.pipeline.tasks import AnalyzerSpec, Checkpoints, StepResult, StepTask, tensor_rows
 from ckptscope.rows import CheckpointRows, ModelRow
+from ckptscope.seeds import check_membership, group_of
 from ckptscope.sources.spec import SourceSpec
 from ckptscope.store.db import Store, default_store_path
 
@@ -169,7 +170,7 @@ class IngestRun:
             if path.exists():  # look read-only first: a mistake found here must not touch the file
                 with Store(path, read_only=True) as ro:
                     self._reconcile(ro)
-                if not self.plan.todo and not self.plan.stale_final and self.plan.retokenize is None:
+                if not self.plan.todo and not self.plan.stale_final and self.plan.retokenize is None and self.regroup is None:
                     return pl.DataFrame(schema=REPORT_SCHEMA)
             with runner if self.plan.todo else nullcontext(), Store(path) as db:
                 self._reconcile(db)
@@ -179,12 +180,16 @@ class IngestRun:
 
     def _reconcile(self, db: Store) -> None:
         reconcile(self.plan, db, self.analyzers, force=self.force, tokens_per_step=self.spec.tokens_per_step)
+        self.group = group_of(self.spec, self.plan.source)
+        self.regroup = check_membership(db, self.plan.model, *self.group)
 
     # -- the run -------------------------------------------------------------------------------
     def _execute(self, db: Store, runner: Executor) -> pl.DataFrame:
         p = self.plan
         if p.retokenize is not None:
             db.set_tokens_per_step(p.model, p.retokenize)
+        if self.regroup is not None and db.model(p.model) is not None:  # a model already stored joins a group
+            db.set_group(p.model, *self.regroup)
         if not (p.todo or p.stale_final):
             return pl.DataFrame(schema=REPORT_SCHEMA)
         self.db = db
@@ -254,7 +259,8 @@ class IngestRun:
         arch = self.plan.arch
         model = None if self.registered else ModelRow(
             source=self.plan.source.id, architecture=arch.family, num_layers=self.plan.num_layers(),
-            num_parameters=sum(_numel(s) for s in arch.shapes.values()), tokens_per_step=self.tokens_per_step, config=arch.config)
+            num_parameters=sum(_numel(s) for s in arch.shapes.values()), tokens_per_step=self.tokens_per_step, config=arch.config,
+            group_name=self.group[0], seed=self.group[1])
         self.db.write_checkpoint(rows, replace=True, model=model, tables=self.tables)
         self.registered = True
 

@@ -51,6 +51,8 @@ class Suite:
     revision_template: str | None = None  # step N's revision is template.format(N), when the naming is that plain
     prefer: tuple[str, ...] = PREFERRED_FORMATS
     notes: str = ""
+    group: str | None = None  # seed replicates share a group (`models.group_name`); None: not part of one
+    seed: int | None = None  # this member's seed within `group`
 
     def __post_init__(self) -> None:
         if (self.repo is None) == (self.repo_template is None):
@@ -172,13 +174,20 @@ def _build() -> dict[str, Suite]:
     suites: list[Suite] = []
     pythia_grid = (0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, *range(1000, 143001, 1000))
     pythia = dict(revision_pattern=r"step(?P<step>\d+)", revision_template="step{}", tokens_per_step=2_097_152, steps=pythia_grid)
+    poly_sizes = ("14m", "31m", "70m", "160m", "410m")
     for size in ("14m", "31m", "70m", "160m", "410m", "1b", "1.4b", "2.8b", "6.9b", "12b"):
         for suffix in ("", "-deduped"):
+            # The original standard-Pile models are PolyPythias' seed 1234 (Pythia paper, "Multiple random seeds").
+            seeded = dict(group=f"polypythia-{size}", seed=1234) if size in poly_sizes and not suffix else {}
             suites.append(Suite(f"pythia-{size}{suffix}", "pythia", repo=f"EleutherAI/pythia-{size}{suffix}",
-                                notes="step branches hold pytorch_model*.bin only; main (= step143000) is not a step", **pythia))
-    poly = [f"pythia-{size}-seed{seed}" for size in ("14m", "31m", "70m", "160m", "410m") for seed in range(1, 10)]
-    poly += [f"pythia-160m-{kind}-seed{seed}" for kind in ("data", "weight") for seed in (1, 2, 3)]
-    suites += [Suite(n, "polypythia", repo=f"EleutherAI/{n}", notes="main is empty; use step branches", **pythia) for n in poly]
+                                notes="step branches hold pytorch_model*.bin only; main (= step143000) is not a step",
+                                **pythia, **seeded))
+    # PolyPythias: seed N changes both init and data order; the 160m data-/weight-seed runs vary one of them,
+    # so they form groups of their own (without seed 1234, which varies both).
+    poly = [(f"pythia-{size}-seed{seed}", f"polypythia-{size}", seed) for size in poly_sizes for seed in range(1, 10)]
+    poly += [(f"pythia-160m-{kind}-seed{seed}", f"polypythia-160m-{kind}", seed) for kind in ("data", "weight") for seed in (1, 2, 3)]
+    suites += [Suite(n, "polypythia", repo=f"EleutherAI/{n}", notes="main is empty; use step branches", group=g, seed=k, **pythia)
+               for n, g, k in poly]
 
     olmo = r"step(?P<step>\d+)-tokens(?P<tokens>\d+)B"
     for n in ("OLMo-1B-hf", "OLMo-7B-hf", "OLMo-7B-0424-hf", "OLMo-1B-0724-hf"):
@@ -192,7 +201,8 @@ def _build() -> dict[str, Suite]:
     multiberts_grid = tuple(k * 1000 for k in (0, *range(20, 201, 20), *range(300, 2001, 100)))
     for seed in range(5):
         suites.append(Suite(f"multiberts-seed_{seed}", "multiberts", repo_template=f"google/multiberts-seed_{seed}-step_{{}}k",
-                            repo_step_unit=1000, steps=multiberts_grid, notes="pytorch_model.bin + tf_model.h5; only the .bin is fetched"))
+                            repo_step_unit=1000, steps=multiberts_grid, notes="pytorch_model.bin + tf_model.h5; only the .bin is fetched",
+                            group="multiberts", seed=seed))
 
     suites.append(Suite("Amber", "amber", repo="LLM360/Amber", revision_pattern=r"ckpt_(?P<step>\d+)", steps=tuple(range(360)),
                         notes="the step is the checkpoint index (one per data chunk); sharded fp32 .bin, ~27 GB each"))
@@ -201,8 +211,10 @@ def _build() -> dict[str, Suite]:
     for n in ("alias-gpt2-small-x21", "battlestar-gpt2-small-x49", "caprica-gpt2-small-x81", "darkmatter-gpt2-small-x343",
               "expanse-gpt2-small-x777", "arwen-gpt2-medium-x21", "beren-gpt2-medium-x49", "celebrimbor-gpt2-medium-x81",
               "durin-gpt2-medium-x343", "eowyn-gpt2-medium-x777"):
+        size, seed = re.fullmatch(r"\w+-gpt2-(small|medium)-x(\d+)", n).groups()  # xNN is the replicate's seed
         suites.append(Suite(n, "crfm-gpt2", repo=f"stanford-crfm/{n}", revision_pattern=r"checkpoint-(?P<step>\d+)", steps=crfm_grid,
-                            notes="main also holds DeepSpeed states; only config + weights are fetched"))
+                            notes="main also holds DeepSpeed states; only config + weights are fetched",
+                            group=f"crfm-gpt2-{size}", seed=int(seed)))
 
     for size, tps in (("135M", 1_048_576), ("360M", None), ("1.7B", None)):
         n = f"SmolLM2-{size}-intermediate-checkpoints"
@@ -214,6 +226,15 @@ def _build() -> dict[str, Suite]:
 CATALOG: dict[str, Suite] = _build()
 _BY_REPO: dict[str, Suite] = {s.repo.lower(): s for s in CATALOG.values() if s.repo is not None}
 FAMILIES: tuple[str, ...] = tuple(dict.fromkeys(s.family for s in CATALOG.values()))
+
+
+def seed_groups() -> dict[str, list[Suite]]:
+    """Catalog members that are seed replicates of one another, by group name, in seed order."""
+    groups: dict[str, list[Suite]] = {}
+    for s in CATALOG.values():
+        if s.group is not None:
+            groups.setdefault(s.group, []).append(s)
+    return {g: sorted(members, key=lambda s: s.seed) for g, members in groups.items()}
 
 
 def list_suites(family: str | None = None) -> list[Suite]:

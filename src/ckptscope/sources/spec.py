@@ -10,6 +10,7 @@ import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from ckptscope.errors import CkptscopeError
 from ckptscope.options import Options, at_least, option
 from ckptscope.sources.local import LocalSource, Source, parse_explicit_steps
 
@@ -27,6 +28,17 @@ class SourceSpec(Options):
     revision_pattern: str | None = option(None, help="Hub: regex with a (?P<step>...) group mapping revision names to steps.")
     keep: bool = option(False, help="Hub: keep downloaded checkpoints in the HF cache instead of evicting them.")
     cache_dir: Path | None = option(None, help="Hub: download cache [default: the HF cache].")
+    group: str | None = option(None, help="Record the model as a seed replicate in this group (with --seed) "
+                                          "[default: the catalog's group for seed suites].")
+    seed: int | None = option(None, help="The model's seed within --group.", check=at_least(0))
+
+    def validate(self) -> None:
+        """A group member needs its seed and a seed needs its group; `ckptscope seeds` pairs them."""
+        if (self.group is None) != (self.seed is None):
+            given, missing = ("--group", "--seed K") if self.group is not None else ("--seed", "--group GROUP")
+            raise CkptscopeError(f"{given} needs {missing}: a model is seed K of a group of replicates")
+        if self.group is not None and not self.group.strip():
+            raise CkptscopeError("--group is empty; give the name of the group of seed replicates")
 
     def is_local(self) -> bool:
         """SOURCE is local when it exists, starts with `/`, `.` or `~`, has more than one `/`, or

@@ -36,6 +36,13 @@ def default_store_path() -> Path:
     return Path(os.environ.get("CKPTSCOPE_STORE") or DEFAULT_STORE)
 
 
+def backend_name() -> str:
+    """What a store-level computation (numpy, not torch) ran on, for `runs.backend`."""
+    import numpy
+
+    return f"numpy-{numpy.__version__}/cpu"
+
+
 def _one_line(exc: Exception) -> str:
     return " ".join(str(exc).split())[:300]
 
@@ -210,11 +217,14 @@ class Store:
         with self._transaction():
             self._ensure_tables(tables)
             if model is not None:
+                # A model's group and seed stay as stored unless this ingest names them.
+                kept = con.execute("SELECT group_name, seed FROM models WHERE model = ?", [rows.model]).fetchall()
+                group, seed = (model.group_name, model.seed) if model.group_name is not None else (kept[0] if kept else (None, None))
                 con.execute(
-                    "INSERT OR REPLACE INTO models (model, source, architecture, num_layers, num_parameters, tokens_per_step, config) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    "INSERT OR REPLACE INTO models (model, source, architecture, num_layers, num_parameters, tokens_per_step, config, "
+                    "group_name, seed) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     [rows.model, model.source, model.architecture, model.num_layers, model.num_parameters,
-                     model.tokens_per_step, json.dumps(model.config) if model.config else None],
+                     model.tokens_per_step, json.dumps(model.config) if model.config else None, group, seed],
                 )
             if replace:
                 self._delete_step(rows.model, rows.step, [r.analyzer for r in rows.runs])
@@ -337,6 +347,36 @@ class Store:
         with self._transaction():
             self.con.execute("UPDATE models SET tokens_per_step = ? WHERE model = ?", [tokens_per_step, model])
             self.con.execute("UPDATE checkpoints SET tokens = step * ? WHERE model = ?", [tokens_per_step, model])
+
+    def set_group(self, model: str, group: str, seed: int) -> None:
+        """Record that a stored model is seed `seed` of `group` (`ingest --group --seed` on a model already ingested)."""
+        with self._transaction():
+            self.con.execute("UPDATE models SET group_name = ?, seed = ? WHERE model = ?", [group, seed, model])
+
+    def write_training_phases(self, runs: Sequence[tuple[str, int, str, dict]], phases: pl.DataFrame) -> None:
+        """Replace the `training_phases` rows and 'phases' runs of the models in `runs` in one transaction.
+
+        `runs` holds (model, step, version, parameters) of each model's fit; `phases` the columns
+        model, step, state, probability.
+        """
+        with self._transaction():
+            models = [r[0] for r in runs]
+            marks = ", ".join("?" * len(models))
+            self.con.execute(f"DELETE FROM training_phases WHERE model IN ({marks})", models)
+            self.con.execute(f"DELETE FROM runs WHERE analyzer = 'phases' AND model IN ({marks})", models)
+            ids = {}
+            for model, step, version, parameters in runs:
+                ids[model] = self._scalar("SELECT nextval('run_ids')")
+                self.con.execute("INSERT INTO runs (run_id, model, step, analyzer, version, parameters, dtype, backend) "
+                                 "VALUES (?, ?, ?, 'phases', ?, ?, 'float64', ?)",
+                                 [ids[model], model, step, version, json.dumps(parameters, sort_keys=True), backend_name()])
+            batch = phases.with_columns(run_id=pl.col("model").replace_strict(ids, return_dtype=pl.Int64)).to_arrow()
+            self.con.register("_ckptscope_batch", batch)
+            try:
+                self.con.execute("INSERT INTO training_phases (run_id, model, step, state, probability) "
+                                 "SELECT run_id, model, step, state, probability FROM _ckptscope_batch")
+            finally:
+                self.con.unregister("_ckptscope_batch")
 
     def _check_still_there(self) -> None:
         """A store file deleted or replaced while open would take every later write with it."""

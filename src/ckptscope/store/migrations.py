@@ -57,11 +57,32 @@ def _analyzer_tables(con: duckdb.DuckDBPyConnection) -> None:
              '["sequence_id"]')""")
 
 
+def _seed_groups(con: duckdb.DuckDBPyConnection) -> None:
+    """A model may be seed K of a group of replicates (`ingest --group G --seed K`; catalog seeds)."""
+    con.execute("ALTER TABLE models ADD COLUMN IF NOT EXISTS group_name VARCHAR")
+    con.execute("ALTER TABLE models ADD COLUMN IF NOT EXISTS seed BIGINT")
+
+
+def _training_phases(con: duckdb.DuckDBPyConnection) -> None:
+    """The HMM state of each model's steps (`ckptscope phases`); the fit's parameters are in `runs`."""
+    con.execute("""
+        CREATE TABLE IF NOT EXISTS training_phases (
+            run_id      BIGINT NOT NULL,     -- the model's 'phases' run (at its last step): the fitted HMM
+            model       VARCHAR NOT NULL,
+            step        BIGINT NOT NULL,
+            state       INTEGER NOT NULL,    -- most probable HMM state (Viterbi path), 0-based
+            probability DOUBLE NOT NULL,     -- posterior probability of that state at this step
+            PRIMARY KEY (model, step)
+        )""")
+
+
 MIGRATIONS: list[Migration] = [
     ("0001_core_tables", _core_tables),
     ("0002_spectrum_tier", _spectrum_tier),
     ("0003_head", _head),
     ("0004_analyzer_tables", _analyzer_tables),
+    ("0008_seed_groups", _seed_groups),
+    ("0009_training_phases", _training_phases),
 ]
 LEGACY = {"1": 1, "2": 2}  # meta.schema_version of stores without a migrations table -> migrations they hold
 

@@ -31,3 +31,22 @@ WHERE worst_after >= threshold
 GROUP BY model, layer, component;
 
 CREATE OR REPLACE VIEW stabilization AS SELECT * FROM stabilization_at(0.9);
+
+-- Across the seeds of a group (models.group_name): one row per step every seed has and per
+-- layer, component, tensor, head and metric. tokens is NULL unless every seed has the same count.
+CREATE OR REPLACE VIEW seed_metrics AS
+WITH members AS (SELECT model, group_name FROM models WHERE group_name IS NOT NULL),
+common AS (
+    SELECT m.group_name, c.step,
+           CASE WHEN count(c.tokens) = count(*) AND min(c.tokens) = max(c.tokens) THEN min(c.tokens) END AS tokens
+    FROM checkpoints c JOIN members m USING (model)
+    WHERE c.status = 'ok'
+    GROUP BY m.group_name, c.step
+    HAVING count(DISTINCT c.model) = (SELECT count(*) FROM members g WHERE g.group_name = m.group_name)
+)
+SELECT m.group_name, v.step, any_value(c.tokens) AS tokens, v.layer, v.component, v.tensor, v.metric, v.head,
+       count(v.value) AS n_seeds, avg(v.value) AS mean, stddev_samp(v.value) AS std, min(v.value) AS min, max(v.value) AS max
+FROM metric_values v
+JOIN members m USING (model)
+JOIN common c ON c.group_name = m.group_name AND c.step = v.step
+GROUP BY m.group_name, v.step, v.layer, v.component, v.tensor, v.metric, v.head;
