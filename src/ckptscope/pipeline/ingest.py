@@ -187,7 +187,7 @@ class IngestRun:
     def _execute(self, db: Store, runner: Executor) -> pl.DataFrame:
         p = self.plan
         if p.retokenize is not None:
-            db.set_tokens_per_step(p.model, p.retokenize)
+            db.set_tokens_per_step(p.model, p.retokenize, only_missing=p.fill_tokens)
         if self.regroup is not None and db.model(p.model) is not None:  # a model already stored joins a group
             db.set_group(p.model, *self.regroup)
         if not (p.todo or p.stale_final):

@@ -36,6 +36,7 @@ class Plan:
     stored_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     stale_final: bool = False  # stored final_* rows point at an older final step
     retokenize: int | None = None  # --force with a new --tokens-per-step: rewrite the stored tokens
+    fill_tokens: bool = False  # retokenize only steps whose tokens were unknown
 
     def adopt(self, ckpt: Checkpoint) -> None:
         """Check a checkpoint against the run's architecture (taking it as the run's, if first)."""
@@ -130,7 +131,10 @@ def reconcile(plan: Plan, store: Store, analyzers: list[Analyzer], *, force: boo
 
 def _check_tokens(plan: Plan, store: Store, tokens_per_step: int | None, *, force: bool) -> None:
     prior = store.model(plan.model)
-    if tokens_per_step is None or prior is None or prior["tokens_per_step"] in (None, tokens_per_step):
+    if tokens_per_step is None or prior is None or prior["tokens_per_step"] == tokens_per_step:
+        return
+    if prior["tokens_per_step"] is None:  # filling in what was unknown changes no stored number
+        plan.retokenize, plan.fill_tokens = tokens_per_step, True
         return
     if not force:
         raise CkptscopeError(f"model {plan.model!r} was ingested with --tokens-per-step {prior['tokens_per_step']}, "

@@ -342,11 +342,13 @@ class Store:
                                 [model, analyzer]).fetchall()
         return {step: (version, json.loads(params)) for step, version, params in rows}
 
-    def set_tokens_per_step(self, model: str, tokens_per_step: int) -> None:
-        """Rewrite the model's tokens per step and every stored step's tokens (step × it), in one transaction."""
+    def set_tokens_per_step(self, model: str, tokens_per_step: int, *, only_missing: bool = False) -> None:
+        """Set the model's tokens per step and its steps' tokens (step × it), in one transaction: every
+        step's, or with `only_missing` those not known (a suite's own schedule stays)."""
         with self._transaction():
             self.con.execute("UPDATE models SET tokens_per_step = ? WHERE model = ?", [tokens_per_step, model])
-            self.con.execute("UPDATE checkpoints SET tokens = step * ? WHERE model = ?", [tokens_per_step, model])
+            self.con.execute(f"UPDATE checkpoints SET tokens = step * ? WHERE model = ?{' AND tokens IS NULL' * only_missing}",
+                             [tokens_per_step, model])
 
     def set_group(self, model: str, group: str, seed: int) -> None:
         """Record that a stored model is seed `seed` of `group` (`ingest --group --seed` on a model already ingested)."""
