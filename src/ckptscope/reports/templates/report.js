@@ -198,6 +198,25 @@
     }), CONFIG);
   }
 
+  // Training loss (top) and learning rate (bottom) per model over the step axis of the layer charts.
+  function drawTraining(chart) {
+    const traces = [];
+    chart.series.forEach((m, i) => {
+      const custom = m.steps.map((s, j) => [int(s), int(m.tokens[j])]);
+      [["loss", "loss", "y"], ["learning_rate", "learning rate", "y2"]].forEach(([key, label, ya], k) => traces.push({
+        type: "scatter", mode: lineMode(m.steps.length), x: m.steps.map(logStep), y: m[key], yaxis: ya, customdata: custom,
+        connectgaps: true, name: esc(m.model), legendgroup: `m${i}`, showlegend: k === 0, line: {color: color(i), width: 1.5},
+        marker: {size: 4}, hovertemplate: `model: ${esc(m.model)}<br>step: %{customdata[0]}<br>tokens: %{customdata[1]}` +
+          `<br>${label}: %{y:.4g}<extra></extra>`,
+      }));
+    });
+    return Plotly.react(plotDiv(chart, 0), traces, baseLayout({
+      height: 460, grid: {rows: 2, columns: 1, subplots: [["xy"], ["xy2"]], roworder: "top to bottom"},
+      xaxis: stepAxis(chart.series.flatMap((m) => m.steps)), yaxis: {title: {text: "training loss"}},
+      yaxis2: {title: {text: "learning rate"}, exponentformat: "e"},
+    }), CONFIG);
+  }
+
   // Eigenvalue density per step, and the power-law tail fitted at ingest: (n_tail / n) * (α-1)/x_min * (λ/x_min)^-α.
   function drawSpectrum(chart) {
     const n = chart.steps.length;
@@ -226,7 +245,7 @@
   }
 
   const DRAW = {layers: drawLayers, compare: drawCompare, checkpoints: drawCheckpoints, stabilization: drawStabilization,
-    memorization: drawMemorization, spectrum: drawSpectrum};
+    memorization: drawMemorization, spectrum: drawSpectrum, training: drawTraining};
 
   async function main() {
     const status = document.getElementById("status");
