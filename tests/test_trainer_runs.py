@@ -19,6 +19,7 @@ from safetensors.torch import save_file
 import ckptscope
 from ckptscope.reports import build_report
 from ckptscope.sources.checkpoint import Checkpoint
+from runs import write_checkpoint
 from test_reports import assert_renders_cleanly, browser, open_report  # noqa: F401 (browser is a fixture)
 
 GPT2 = dict(n_embd=32, n_layer=2, n_head=4, vocab_size=96, n_positions=32, bos_token_id=0, eos_token_id=0)
@@ -106,6 +107,16 @@ def test_safetensors_copy_is_tied_only_when_equal_and_not_untied(tmp_path):
     assert checkpoint("untied", state, tie_word_embeddings=False).ties == {}
     different = {**state, "lm_head.weight": state["lm_head.weight"] + 1e-3}
     assert checkpoint("different", different).ties == {}
+
+
+@pytest.mark.parametrize("shards", [1, 2, 3])
+def test_sharded_bin_copy_is_tied(tmp_path, shards):
+    """Shards are separate pickles, so a tie split across two is a copy: tied by equal bytes, as in safetensors."""
+    model = gpt2()
+    path = write_checkpoint(tmp_path / "ckpt", model.state_dict(), model.config.to_dict(), fmt="bin", shards=shards, dtype=None)
+    ckpt = Checkpoint(path, step=0)
+    assert ckpt.ties == {"lm_head.weight": "transformer.wte.weight"}
+    assert sum(math.prod(i.shape) for i in ckpt.tensors.values()) == sum(p.numel() for p in model.parameters())
 
 
 # -- a real Trainer run -------------------------------------------------------------------------

@@ -180,7 +180,10 @@ def _shared_storage(state: dict[str, torch.Tensor], fam: str) -> dict[str, str]:
 
 
 def _same_bytes(a: TensorInfo, b: TensorInfo, chunk: int = 1 << 20) -> bool:
-    """Whether two safetensors entries hold equal bytes; stops at the first differing chunk."""
+    """Whether two stored tensors hold equal bytes; safetensors entries stop at the first differing chunk."""
+    if a.file.suffix != ".safetensors" or b.file.suffix != ".safetensors":  # .bin: both mapped, compared whole
+        x, y = _load_bin(a.file)[a.name], _load_bin(b.file)[b.name]
+        return torch.equal(x.contiguous().view(-1).view(torch.uint8), y.contiguous().view(-1).view(torch.uint8))
     if a.nbytes != b.nbytes:
         return False
     with open(a.file, "rb") as fa, open(b.file, "rb") as fb:
@@ -231,8 +234,7 @@ class Checkpoint:
                 ties.update(_shared_storage(state, family(self.config)))
             for info in found:
                 infos[info.name] = info
-        if self.format == "safetensors":
-            ties.update(self._equal_embeddings(infos))
+        ties.update(self._equal_embeddings(infos, ties))
         return infos, ties
 
     @property
@@ -250,14 +252,15 @@ class Checkpoint:
         """Every parameter once, by name: the stored tensors less the tied copies."""
         return {name: info for name, info in self.stored.items() if name not in self.ties}
 
-    def _equal_embeddings(self, infos: dict[str, TensorInfo]) -> dict[str, str]:
-        """Output embeddings tied to an input embedding in a safetensors file (see the module docstring)."""
+    def _equal_embeddings(self, infos: dict[str, TensorInfo], found: dict[str, str]) -> dict[str, str]:
+        """Output embeddings stored as a copy of an input embedding: in safetensors, or in another
+        shard of a `.bin` checkpoint than the one holding the input embedding (see the module docstring)."""
         if (self.config or {}).get("tie_word_embeddings") is False:
             return {}
         fam = family(self.config)
         roles = {name: classify(name, fam).component for name in infos}
         ties = {}
-        for out in (n for n, c in roles.items() if c == "unembed"):
+        for out in (n for n, c in roles.items() if c == "unembed" and n not in found):
             for emb in (n for n, c in roles.items() if c == "embed"):
                 a, b = infos[out], infos[emb]
                 if (a.shape, a.dtype) == (b.shape, b.dtype) and _same_bytes(a, b):
