@@ -121,6 +121,8 @@ class CheckpointRows:
     runs: list[RunRows]
     status: str = "ok"
     anomaly: tuple[str, str] | None = None  # checkpoint-level (kind, detail), e.g. a missing revision
+    training_log: dict[str, list] | None = None  # step, metric, value from the checkpoint's trainer_state.json
+    step_path: str | None = None  # the PATH of a checkpoint named with --steps STEP=PATH, remembered for later ingests
 
 
 def column(key: str, values: list | pa.Array) -> pa.Array:

@@ -25,11 +25,12 @@ from ckptscope.analyzers.contract import AnalysisContext, Analyzer
 from ckptscope.errors import CkptscopeError, SourceError
 from ckptscope.options import Options
 from ckptscope.pipeline.executors import Executor, ExecutorSpec, StepsFailed, describe, is_fatal
-from ckptscope.pipeline.plan import MAX_LISTED, Plan, plan, reconcile
+from ckptscope.pipeline.plan import MAX_LISTED, Plan, plan, reconcile, roles
 from ckptscope.pipeline.tasks import AnalyzerSpec, Checkpoints, StepResult, StepTask, tensor_rows
 from ckptscope.rows import CheckpointRows, ModelRow
 from ckptscope.seeds import check_membership, group_of
 from ckptscope.sources.spec import SourceSpec
+from ckptscope.sources.trainer_state import TrainerState
 from ckptscope.store.db import Store, default_store_path
 
 log = logging.getLogger(__name__)
@@ -157,6 +158,8 @@ class IngestRun:
     def run(self, store: Store | str | Path | None) -> pl.DataFrame:
         src = self.spec.open()
         try:
+            if src.kind == "local":  # checkpoints named in earlier ingests of this model (--steps STEP=PATH)
+                src.remember(_step_paths(store, self.spec.name or src.default_name))
             self.plan = plan(src, name=self.spec.name, steps=self.spec.steps, max_steps=self.spec.max_steps,
                              analyzers=self.analyzers)
             runner = self.executor.make(src, self.analyzers)
@@ -245,15 +248,28 @@ class IngestRun:
                     self._refresh_final(ckpts, bar)
         finally:  # hub downloads and memory maps are released however the run ends
             ckpts.keep_only(set())
+        self._warn_no_init()
         duplicates = dict(db.sql("SELECT step, duplicate_of FROM checkpoints WHERE model = ?", [p.model]).rows())
         for row in self.report:
             if duplicates.get(row["step"]) is not None:
                 row.update(status="duplicate", duplicate_of=duplicates[row["step"]])
         return pl.DataFrame(self.report, schema=REPORT_SCHEMA).sort("step")
 
-    def _tokens(self, step: int) -> int | None:
+    def _tokens(self, step: int, state: TrainerState | None = None) -> int | None:
+        """Tokens seen at a step: the source's count, else step x --tokens-per-step, else the Trainer's count."""
         known = self.plan.source.tokens(step, self.plan.available[step].revision)
-        return known if known is not None else (step * self.tokens_per_step if self.tokens_per_step else None)
+        if known is not None:
+            return known
+        if self.tokens_per_step:
+            return step * self.tokens_per_step
+        return state.tokens if state is not None else None
+
+    def _warn_no_init(self) -> None:
+        """One line when deltas from the first step are not deltas from initialization (a Trainer never saves step 0)."""
+        first = self.db.sql("SELECT min(step) FROM checkpoints WHERE model = ? AND status = 'ok'", [self.plan.model]).item()
+        if first and "first" in roles(self.analyzers):
+            log.warning("model %r: delta_init is measured from step %d, not from initialization; "
+                        "add the initial weights with --steps 0=PATH,all", self.plan.model, first)
 
     def _write(self, rows: CheckpointRows) -> None:
         arch = self.plan.arch
@@ -281,9 +297,11 @@ class IngestRun:
                                        anomaly=("missing_revision", why)))
             self.report.append({"step": step, "status": "missing", "duplicate_of": None, "tensors": 0, "seconds": 0.0})
         if result.content_hash is not None:
-            self._write(CheckpointRows(model=p.model, step=result.step, tokens=self._tokens(result.step), revision=result.revision,
-                                       source=result.source, content_hash=result.content_hash, tensors=result.tensors,
-                                       runs=result.runs))
+            state = result.trainer_state
+            self._write(CheckpointRows(model=p.model, step=result.step, tokens=self._tokens(result.step, state),
+                                       revision=result.revision, source=result.source, content_hash=result.content_hash,
+                                       tensors=result.tensors, runs=result.runs, training_log=state.log if state else None,
+                                       step_path=getattr(p.source, "named", {}).get(result.step)))
             self.report.append({"step": result.step, "status": "ok", "duplicate_of": None, "tensors": result.n_tensors,
                                 "seconds": result.seconds})
 
@@ -315,6 +333,17 @@ def _failed(failures: dict[int, BaseException], not_started: int) -> StepsFailed
     stopped = f"; {not_started} step{'s' * (not_started > 1)} not started after that" if not_started else ""
     return StepsFailed(f"{n} step{'s' * (n > 1)} failed and {'were' if n > 1 else 'was'} not written ({listed}{more}){stopped}; "
                        "the steps that completed are saved: run the same command again to resume")
+
+
+def _step_paths(store: Store | str | Path | None, model: str) -> dict[int, str]:
+    """The checkpoints of `model` named with STEP=PATH in earlier ingests (none in a new store)."""
+    if isinstance(store, Store):
+        return store.step_paths(model)
+    path = Path(store) if store is not None else default_store_path()
+    if not path.exists():
+        return {}
+    with Store(path, read_only=True) as db:
+        return db.step_paths(model)
 
 
 def _numel(shape: tuple[int, ...]) -> int:

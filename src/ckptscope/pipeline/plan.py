@@ -18,6 +18,7 @@ from ckptscope.sources.checkpoint import Checkpoint
 from ckptscope.sources.layers import classify
 from ckptscope.sources.local import CheckpointRef, Source
 from ckptscope.sources.steps import nearest, select_steps
+from ckptscope.sources.trainer_state import read_trainer_state
 from ckptscope.store.db import Store
 
 MAX_LISTED = 5  # steps named in an error; the rest are counted
@@ -70,9 +71,8 @@ def plan(src: Source, *, name: str | None, steps: str | None, max_steps: int | N
     downloading the whole sweep before analyzing any of it.
     """
     available = {ref.step: ref for ref in src.refs()}
-    explicit = getattr(src, "explicit", None)
     select = getattr(src, "select", select_steps)  # a hub source offline selects among what it knows exists
-    selected = select(None if explicit else steps, list(available), max_steps=max_steps)
+    selected = select(steps, list(available), max_steps=max_steps)
     wanted = roles(analyzers)
     # Steps measured against the first or final checkpoint need those in the store too.
     selected = sorted({*selected, *([min(available)] if "first" in wanted else []), *([max(available)] if "final" in wanted else [])})
@@ -85,6 +85,7 @@ def plan(src: Source, *, name: str | None, steps: str | None, max_steps: int | N
     if src.kind == "local":
         for step in sorted({*selected, *pinned}):
             result.adopt(src.open(available[step]))
+            read_trainer_state(available[step].path)  # a corrupt trainer_state.json fails here, before any write
         for a in analyzers:
             a.check(result.arch.config)
     return result

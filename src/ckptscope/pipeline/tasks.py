@@ -23,6 +23,7 @@ from ckptscope.sources.checkpoint import Checkpoint
 from ckptscope.sources.layers import classify, family, is_buffer
 from ckptscope.sources.local import CheckpointRef, Source
 from ckptscope.sources.spec import SourceSpec
+from ckptscope.sources.trainer_state import TrainerState, read_trainer_state
 
 
 class ArchitectureMismatch(SourceError):
@@ -31,7 +32,8 @@ class ArchitectureMismatch(SourceError):
 
 @dataclass(frozen=True)
 class Architecture:
-    """A model's tensor shapes and config, as read from one of its checkpoints (`step`)."""
+    """A model's tensor shapes and config, as read from one of its checkpoints (`step`); tied
+    copies are left out, so a parameter is counted once."""
 
     step: int
     shapes: dict[str, tuple[int, ...]]
@@ -124,6 +126,7 @@ class StepResult:
     runs: list[RunRows] = field(default_factory=list)
     missing: list[tuple[int, str, str]] = field(default_factory=list)  # (step, revision, why) of revisions without weights
     architecture: Architecture | None = None  # read by the worker when the task carried none
+    trainer_state: TrainerState | None = None  # the checkpoint's trainer_state.json, when it has one
     n_tensors: int = 0
     seconds: float = 0.0
 
@@ -206,6 +209,7 @@ class StepWorker:
             result.source = str(ckpt.path) if self.source.kind == "local" else self.source.id
             result.tensors = tensor_rows(ckpt, arch.family)
             result.n_tensors = len(result.tensors["tensor"])
+            result.trainer_state = read_trainer_state(ckpt.path)
             shared: dict = {}
             for a in self.analyzers:
                 progress = Progress() if reporter is None else Progress(
@@ -225,13 +229,15 @@ class StepWorker:
 
 
 def tensor_rows(ckpt: Checkpoint | None, fam: str) -> dict[str, list]:
-    """The `tensors` rows of a checkpoint (none for a missing one); buffers are skipped."""
-    cols: dict[str, list] = {k: [] for k in ("tensor", "layer", "component", "shape", "dtype")}
-    for name, info in (ckpt.tensors.items() if ckpt is not None else ()):
+    """The `tensors` rows of a checkpoint (none for a missing one); buffers are skipped.
+
+    Every stored name gets a row; a tied copy's `tied_to` names the tensor analyzed for it."""
+    cols: dict[str, list] = {k: [] for k in ("tensor", "layer", "component", "shape", "dtype", "tied_to")}
+    for name, info in (ckpt.stored.items() if ckpt is not None else ()):
         if is_buffer(name):
             continue
         role = classify(name, fam)
-        for key, value in zip(cols, (name, role.layer, role.component, list(info.shape), info.dtype)):
+        for key, value in zip(cols, (name, role.layer, role.component, list(info.shape), info.dtype, ckpt.ties.get(name))):
             cols[key].append(value)
     return cols
 

@@ -127,7 +127,8 @@ class _Builder:
 
     # -- sections ----------------------------------------------------------------------------
     def sections(self) -> list[Section]:
-        out = [self._model_section(model) for model in self.sel.models]
+        out = [self._training_section()] if q.has_rows(self.db, "training_log", self.sel) else []
+        out += [self._model_section(model) for model in self.sel.models]
         if len(self.sel.models) > 1 and self.sel.metrics:
             out.append(self._compare_section())
         if q.has_metric(self.db, self.sel, q.CKA_METRIC):
@@ -162,6 +163,24 @@ class _Builder:
                   for (name,), g in df.partition_by("series", as_dict=True, maintain_order=True).items()]
         spec = {"type": "lines", "series": series, "x_title": chart.x_title, "y_title": chart.y_title, "log_x": chart.log_x}
         return self._chart(chart.title, chart.caption, [chart.sql], spec)
+
+    def _training_section(self) -> Section:
+        """Training loss and learning rate as the Trainer logged them (table `training_log`), on the step axis of the layer charts."""
+        sql = f"""SELECT model, step, max(value) FILTER (metric = 'loss') AS loss,
+       max(value) FILTER (metric = 'learning_rate') AS learning_rate,
+       max(value) FILTER (metric = 'num_input_tokens_seen') AS tokens
+FROM training_log
+WHERE {q.in_list('model', self.sel.models)} AND metric IN ('loss', 'learning_rate', 'num_input_tokens_seen')
+GROUP BY model, step
+ORDER BY model, step"""
+        df = self.db.sql(sql)
+        series = [{"model": model, "steps": g["step"].to_list(), "tokens": _floats(g["tokens"]), "loss": _floats(g["loss"]),
+                   "learning_rate": _floats(g["learning_rate"])}
+                  for (model,), g in df.partition_by("model", as_dict=True, maintain_order=True).items()]
+        chart = self._chart("Training loss and learning rate", "As logged by the Trainer (trainer_state.json's log_history), "
+                            "one line per model.", [sql], {"type": "training", "series": series})
+        intro = "The scalars a Hugging Face Trainer logged while training, from the `training_log` table."
+        return Section("training", "Training log", intro, [chart])
 
     def _model_section(self, model: str) -> Section:
         charts = [c for metric in self.sel.metrics

@@ -11,6 +11,14 @@ Memory stays near the size of one tensor: safetensors are read with a seek and o
 and `.bin` files are mapped with `torch.load(weights_only=True, mmap=True)` afresh for each
 read, so only the tensor asked for is paged in and its pages go when the map is dropped. `weights_only=True` means a pickle that needs arbitrary objects is
 refused, never executed.
+
+Tied weights (GPT-2's `lm_head.weight`, one tensor with `transformer.wte.weight`) are one
+parameter stored under two names. `Checkpoint.tensors` holds each parameter once; the other
+names are in `Checkpoint.ties`, so they are neither counted nor analyzed twice. A tie is
+certain in a `.bin` file, where both names point at one storage; safetensors cannot share
+storage (and `save_pretrained` drops the copy), so there an output embedding is tied to an
+input embedding when the config does not untie them (`tie_word_embeddings`) and their bytes
+are equal.
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ from pathlib import Path
 import torch
 
 from ckptscope.errors import SourceError
+from ckptscope.sources.layers import classify, family
 
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -153,6 +162,42 @@ def _load_bin(file: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def _shared_storage(state: dict[str, torch.Tensor], fam: str) -> dict[str, str]:
+    """Tensors of one pickle that are the same view of the same storage: tied name -> the name kept.
+
+    The kept name is the first stored, unless only a later one is not an output embedding
+    (`wte` holds GPT-2's tied weights, not `lm_head`)."""
+    groups: dict[tuple, list[str]] = {}
+    for name, t in state.items():
+        if t.numel():  # empty tensors may all sit at address 0
+            key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+            groups.setdefault(key, []).append(name)
+    ties = {}
+    for names in (g for g in groups.values() if len(g) > 1):
+        kept = next((n for n in names if classify(n, fam).component != "unembed"), names[0])
+        ties.update((n, kept) for n in names if n != kept)
+    return ties
+
+
+def _same_bytes(a: TensorInfo, b: TensorInfo, chunk: int = 1 << 20) -> bool:
+    """Whether two stored tensors hold equal bytes; safetensors entries stop at the first differing chunk."""
+    if a.file.suffix != ".safetensors" or b.file.suffix != ".safetensors":  # .bin: both mapped, compared whole
+        x, y = _load_bin(a.file)[a.name], _load_bin(b.file)[b.name]
+        return torch.equal(x.contiguous().view(-1).view(torch.uint8), y.contiguous().view(-1).view(torch.uint8))
+    if a.nbytes != b.nbytes:
+        return False
+    with open(a.file, "rb") as fa, open(b.file, "rb") as fb:
+        fa.seek(a.offset)
+        fb.seek(b.offset)
+        left = a.nbytes
+        while left:
+            n = min(chunk, left)
+            if fa.read(n) != fb.read(n):
+                return False
+            left -= n
+    return True
+
+
 class Checkpoint:
     """The weights of one training step, opened lazily and read tensor by tensor."""
 
@@ -176,22 +221,56 @@ class Checkpoint:
             raise SourceError(f"{cfg}: not valid JSON; fix or remove it") from None
 
     @cached_property
-    def tensors(self) -> dict[str, TensorInfo]:
-        """Every stored tensor by name, from headers only; validates the files on the way."""
+    def _index(self) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+        """Every stored tensor by name (headers only; validates the files on the way), and the ties."""
         infos: dict[str, TensorInfo] = {}
+        ties: dict[str, str] = {}
         for file in self.files:
             if self.format == "safetensors":
                 found = _read_safetensors_header(file)
             else:
-                found = [TensorInfo(n, tuple(t.shape), str(t.dtype).removeprefix("torch."), file)
-                         for n, t in _load_bin(file).items()]
+                state = _load_bin(file)
+                found = [TensorInfo(n, tuple(t.shape), str(t.dtype).removeprefix("torch."), file) for n, t in state.items()]
+                ties.update(_shared_storage(state, family(self.config)))
             for info in found:
                 infos[info.name] = info
-        return infos
+        ties.update(self._equal_embeddings(infos, ties))
+        return infos, ties
+
+    @property
+    def stored(self) -> dict[str, TensorInfo]:
+        """Every tensor in the files, tied names included."""
+        return self._index[0]
+
+    @cached_property
+    def ties(self) -> dict[str, str]:
+        """Names stored as a copy of another tensor (tied weights) -> the name that holds them."""
+        return self._index[1]
+
+    @cached_property
+    def tensors(self) -> dict[str, TensorInfo]:
+        """Every parameter once, by name: the stored tensors less the tied copies."""
+        return {name: info for name, info in self.stored.items() if name not in self.ties}
+
+    def _equal_embeddings(self, infos: dict[str, TensorInfo], found: dict[str, str]) -> dict[str, str]:
+        """Output embeddings stored as a copy of an input embedding: in safetensors, or in another
+        shard of a `.bin` checkpoint than the one holding the input embedding (see the module docstring)."""
+        if (self.config or {}).get("tie_word_embeddings") is False:
+            return {}
+        fam = family(self.config)
+        roles = {name: classify(name, fam).component for name in infos}
+        ties = {}
+        for out in (n for n, c in roles.items() if c == "unembed" and n not in found):
+            for emb in (n for n, c in roles.items() if c == "embed"):
+                a, b = infos[out], infos[emb]
+                if (a.shape, a.dtype) == (b.shape, b.dtype) and _same_bytes(a, b):
+                    ties[out] = emb
+                    break
+        return ties
 
     def read(self, name: str) -> torch.Tensor:
         """Read one tensor into memory in its stored dtype."""
-        info = self.tensors[name]
+        info = self.tensors[self.ties.get(name, name)]
         if self.format == "bin":
             # A fresh map per read: the pages of this tensor are released when the map is dropped,
             # instead of accumulating in RSS for the whole checkpoint.

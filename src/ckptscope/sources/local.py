@@ -2,8 +2,10 @@
 
 Recognised step directory names (case-insensitive): `checkpoint-500` (HF Trainer),
 `step500`, `step-500`, `step_500`, `global_step500`, `ckpt_500`, `iter_500`, and names that
-contain such a token, e.g. `step500-tokens1B`. A run laid out differently is named explicitly:
-`--steps 0=init,1000=runs/a/mid` (paths relative to SOURCE). A SOURCE that is itself one
+contain such a token, e.g. `step500-tokens1B`. Other checkpoints are named explicitly: `--steps 0=init,1000=runs/a/mid`
+(paths relative to SOURCE). Named checkpoints join the ones found (`--steps 0=../init,all`
+adds the initialization a Trainer never saves), and the store remembers them, so a later
+ingest of the model finds them without being told again. A SOURCE that is itself one
 checkpoint is ingested as a single step, numbered from `trainer_state.json` when present.
 """
 
@@ -66,18 +68,20 @@ class Source(Protocol):
         """Stop background work (prefetches) and free what is held."""
 
 
-def parse_explicit_steps(spec: str | None) -> dict[int, str] | None:
-    """`0=init,1000=mid` → {0: "init", 1000: "mid"}; None when the spec is a plain selection."""
-    if not spec or "=" not in spec:
-        return None
+def parse_explicit_steps(spec: str | None) -> dict[int, str]:
+    """The STEP=PATH terms of a --steps spec: `0=init,1000=mid,log` → {0: "init", 1000: "mid"}.
+
+    The other terms (`log` here) select among the steps found; `select_steps` reads them."""
     mapping: dict[int, str] = {}
-    for term in spec.split(","):
-        step, sep, rel = term.partition("=")
+    for term in (spec or "").split(","):
+        if "=" not in term:
+            continue
+        step, _, rel = term.strip().partition("=")
         try:
             mapping[int(step)] = rel
         except ValueError:
             raise SourceError(f"bad --steps term {term!r}; name checkpoints as STEP=PATH, e.g. 0=init,1000=mid") from None
-        if not sep or not rel:
+        if not rel:
             raise SourceError(f"bad --steps term {term!r}; name checkpoints as STEP=PATH, e.g. 0=init,1000=mid")
     return mapping
 
@@ -88,12 +92,14 @@ class LocalSource:
     kind = "local"
 
     def __init__(self, root: Path | str, explicit: dict[int, str] | None = None) -> None:
+        """`explicit`: checkpoints named with --steps STEP=PATH, besides those found under `root`."""
         self.root = Path(root).expanduser().resolve()
         if not self.root.exists():
             raise SourceError(f"{root}: no such file or directory; give the directory that holds the run's checkpoints")
         if not self.root.is_dir():
             raise SourceError(f"{root}: not a directory; give the directory that holds the run's checkpoints")
-        self.explicit = explicit
+        self.explicit = explicit or {}
+        self.remembered: dict[int, str] = {}  # named in earlier ingests of the model (the store's step_paths)
 
     @property
     def id(self) -> str:
@@ -103,23 +109,35 @@ class LocalSource:
     def default_name(self) -> str:
         return self.root.name
 
+    def remember(self, paths: dict[int, str]) -> None:
+        """Checkpoints named in earlier ingests: they join the source unless named anew or gone."""
+        self.remembered = dict(paths)
+
+    @property
+    def named(self) -> dict[int, str]:
+        """Steps named with STEP=PATH, now or in an earlier ingest: step -> PATH as given."""
+        return {**self.remembered, **self.explicit}
+
     def refs(self) -> list[CheckpointRef]:
-        """Every step this source holds, sorted; raises when there is none."""
-        if self.explicit is not None:
-            refs = []
-            for step, rel in sorted(self.explicit.items()):
-                path = (self.root / rel).resolve()
-                if not path.is_dir():
-                    raise SourceError(f"--steps {step}={rel}: {path} is not a directory")
-                refs.append(CheckpointRef(step, rel, path))
-            return refs
+        """Every step this source holds, sorted: the named checkpoints and those found by
+        directory name (a named step wins over a directory claiming it); raises when there is none."""
         found: dict[int, CheckpointRef] = {}
+        for step, rel in sorted(self.named.items()):
+            path = (self.root / rel).resolve()
+            if path.is_dir():
+                found[step] = CheckpointRef(step, rel, path)
+            elif step in self.explicit:
+                raise SourceError(f"--steps {step}={rel}: {path} is not a directory")
+            # a remembered checkpoint that is gone: reconcile() says so if the model needs it
+        named = {ref.path for ref in found.values()}
+        claimed: dict[int, str] = {}
         for child in sorted(self.root.iterdir()):
             step = step_from_name(child.name) if child.is_dir() else None
-            if step is None:
+            if step is None or step in self.named or child.resolve() in named:
                 continue
-            if step in found:
-                raise SourceError(f"{self.root}: both {found[step].revision} and {child.name} claim step {step}; name checkpoints explicitly with --steps STEP=PATH")
+            if step in claimed:
+                raise SourceError(f"{self.root}: both {claimed[step]} and {child.name} claim step {step}; name checkpoints explicitly with --steps STEP=PATH")
+            claimed[step] = child.name
             found[step] = CheckpointRef(step, child.name, child)
         if found:
             return [found[s] for s in sorted(found)]

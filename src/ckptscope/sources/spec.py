@@ -22,7 +22,8 @@ class SourceSpec(Options):
     owner = "ingest"
     source: str = option(help="A local run directory, a catalog suite (pythia-160m) or a hub repo (EleutherAI/pythia-160m).")
     name: str | None = option(None, help="Model name in the store [default: SOURCE's directory or repo name].")
-    steps: str | None = option(None, help="Steps: all, first, last, log, 0,1000,5000, 0:143000:1000, or STEP=PATH pairs.")
+    steps: str | None = option(None, help="Steps: all, first, last, log, 0,1000,5000, 0:143000:1000, and STEP=PATH pairs "
+                               "naming checkpoints (0=../init,all adds the initialization to a Trainer run).")
     max_steps: int | None = option(None, help="At most N steps, spread evenly in log-step.", flag="--max", check=at_least(1))
     tokens_per_step: int | None = option(None, help="Tokens seen per optimizer step, to fill `tokens`.", check=at_least(1))
     revision_pattern: str | None = option(None, help="Hub: regex with a (?P<step>...) group mapping revision names to steps.")
@@ -42,9 +43,9 @@ class SourceSpec(Options):
 
     def is_local(self) -> bool:
         """SOURCE is local when it exists, starts with `/`, `.` or `~`, has more than one `/`, or
-        `steps` names directories; anything else is looked up in the catalog / on the hub."""
+        `steps` names directories (STEP=PATH); anything else is looked up in the catalog / on the hub."""
         text = self.source
-        return (parse_explicit_steps(self.steps) is not None or Path(text).expanduser().exists()
+        return (bool(parse_explicit_steps(self.steps)) or Path(text).expanduser().exists()
                 or text.startswith(("/", ".", "~")) or text.count("/") > 1)
 
     def open(self) -> Source:

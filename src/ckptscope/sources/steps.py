@@ -7,6 +7,8 @@ A SPEC is a comma-separated list of terms, each one of
                    in log-space (plus step 0), the way Pythia's early grid is spaced
   `N`              exactly step N
   `A:B[:S]`        available steps in [A, B] (inclusive), every S-th step number when S is given
+  `N=PATH`         step N, read from PATH (the source adds it: see `parse_explicit_steps`)
+With STEP=PATH terms alone, exactly the named steps are selected.
 `max_steps` then keeps at most N of the selected steps, spread evenly in log(step + 1).
 Steps are always returned sorted and unique. A named step that does not exist is an error,
 because silently analyzing a different grid than the user asked for wastes hours.
@@ -64,6 +66,8 @@ def select_steps(spec: str | None, available: list[int], *, max_steps: int | Non
             chosen.add(available[-1])
         elif term == "log":
             chosen |= _log_spaced(available)
+        elif "=" in term:  # a named checkpoint: the source made its step available
+            chosen.add(int(term.partition("=")[0]))
         elif ":" in term:
             parts = term.split(":")
             try:

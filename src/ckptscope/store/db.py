@@ -238,6 +238,11 @@ class Store:
                 self._insert("tensors", rows.model, rows.step, None, rows.tensors, replace_keys=True)
             if rows.anomaly is not None:
                 self._add_anomaly(rows.model, rows.step, None, *rows.anomaly)
+            if rows.training_log and rows.training_log["metric"]:
+                self._merge_training_log(rows.model, rows.step, rows.training_log)
+            if rows.step_path is not None:
+                con.execute("INSERT OR REPLACE INTO step_paths (model, step, path) VALUES (?, ?, ?)",
+                            [rows.model, rows.step, rows.step_path])
             for run in rows.runs:
                 run_id = self._scalar("SELECT nextval('run_ids')")
                 con.execute(
@@ -255,6 +260,26 @@ class Store:
                         self._insert(table, rows.model, rows.step, run_id, columns, declared=declared[table])
                 for tensor, kind, detail in run.anomalies:
                     self._add_anomaly(rows.model, rows.step, tensor, kind, detail, run_id)
+
+    def _merge_training_log(self, model: str, checkpoint: int, log: dict[str, list]) -> None:
+        """Add a checkpoint's logged scalars to the model's `training_log`: a value already stored
+        from a later checkpoint's history stays, whatever order checkpoints are written in."""
+        batch = pa.table({"step": pa.array(log["step"], pa.int64()), "metric": pa.array(log["metric"], pa.string()),
+                          "value": pa.array(log["value"], pa.float64())})
+        self.con.register("_ckptscope_log", batch)
+        try:
+            self.con.execute(
+                "INSERT INTO training_log (model, step, metric, value, checkpoint) SELECT ?, step, metric, value, ? "
+                "FROM _ckptscope_log ON CONFLICT (model, step, metric) DO UPDATE SET value = excluded.value, "
+                "checkpoint = excluded.checkpoint WHERE excluded.checkpoint >= training_log.checkpoint", [model, checkpoint])
+        finally:
+            self.con.unregister("_ckptscope_log")
+
+    def step_paths(self, model: str) -> dict[int, str]:
+        """The checkpoints of `model` named with --steps STEP=PATH in earlier ingests: step -> PATH."""
+        if not self._scalar("SELECT count(*) FROM information_schema.tables WHERE table_name = 'step_paths'"):
+            return {}  # a store not migrated yet (opened read-only) has none
+        return dict(self.con.execute("SELECT step, path FROM step_paths WHERE model = ?", [model]).fetchall())
 
     def _mark_duplicates(self, model: str) -> None:
         """Point every checkpoint of `model` at the earliest step with the same weights, with a

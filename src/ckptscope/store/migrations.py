@@ -57,6 +57,33 @@ def _analyzer_tables(con: duckdb.DuckDBPyConnection) -> None:
              '["sequence_id"]')""")
 
 
+def _tensor_ties(con: duckdb.DuckDBPyConnection) -> None:
+    """`tensors.tied_to`: the tensor a tied copy (GPT-2's lm_head.weight) shares its weights with."""
+    con.execute("ALTER TABLE tensors ADD COLUMN IF NOT EXISTS tied_to VARCHAR")
+
+
+def _training_log(con: duckdb.DuckDBPyConnection) -> None:
+    """The scalars a Hugging Face Trainer logged (trainer_state.json's log_history), per step."""
+    con.execute("""
+        CREATE TABLE IF NOT EXISTS training_log (
+            model      VARCHAR NOT NULL,
+            step       BIGINT NOT NULL,    -- the optimizer step the value was logged at
+            metric     VARCHAR NOT NULL,   -- log_history key: loss, learning_rate, grad_norm, eval_loss, ...
+            value      DOUBLE,
+            checkpoint BIGINT NOT NULL,    -- the checkpoint whose trainer_state.json gave the value (the latest wins)
+            PRIMARY KEY (model, step, metric)
+        )""")
+
+
+def _step_paths(con: duckdb.DuckDBPyConnection) -> None:
+    """Checkpoints named with --steps STEP=PATH, remembered so later ingests of the model find them."""
+    con.execute("""
+        CREATE TABLE IF NOT EXISTS step_paths (
+            model VARCHAR NOT NULL,
+            step  BIGINT NOT NULL,
+            path  VARCHAR NOT NULL,            -- as given: relative to the model's source directory, or absolute
+
+
 def _seed_groups(con: duckdb.DuckDBPyConnection) -> None:
     """A model may be seed K of a group of replicates (`ingest --group G --seed K`; catalog seeds)."""
     con.execute("ALTER TABLE models ADD COLUMN IF NOT EXISTS group_name VARCHAR")
@@ -81,6 +108,9 @@ MIGRATIONS: list[Migration] = [
     ("0002_spectrum_tier", _spectrum_tier),
     ("0003_head", _head),
     ("0004_analyzer_tables", _analyzer_tables),
+    ("0005_tensor_ties", _tensor_ties),
+    ("0006_training_log", _training_log),
+    ("0007_step_paths", _step_paths),
     ("0008_seed_groups", _seed_groups),
     ("0009_training_phases", _training_phases),
 ]

@@ -209,6 +209,25 @@
     }));
   }
 
+  // Training loss (top) and learning rate (bottom) per model over the step axis of the layer charts.
+  function drawTraining(chart) {
+    const traces = [];
+    chart.series.forEach((m, i) => {
+      const custom = m.steps.map((s, j) => [int(s), int(m.tokens[j])]);
+      [["loss", "loss", "y"], ["learning_rate", "learning rate", "y2"]].forEach(([key, label, ya], k) => traces.push({
+        type: "scatter", mode: lineMode(m.steps.length), x: m.steps.map(logStep), y: m[key], yaxis: ya, customdata: custom,
+        connectgaps: true, name: esc(m.model), legendgroup: `m${i}`, showlegend: k === 0, line: {color: color(i), width: 1.5},
+        marker: {size: 4}, hovertemplate: `model: ${esc(m.model)}<br>step: %{customdata[0]}<br>tokens: %{customdata[1]}` +
+          `<br>${label}: %{y:.4g}<extra></extra>`,
+      }));
+    });
+    react(plotDiv(chart, 0), traces, baseLayout({
+      height: 460, grid: {rows: 2, columns: 1, subplots: [["xy"], ["xy2"]], roworder: "top to bottom"},
+      xaxis: stepAxis(chart.series.flatMap((m) => m.steps)), yaxis: {title: {text: "training loss"}},
+      yaxis2: {title: {text: "learning rate"}, exponentformat: "e"},
+    }));
+  }
+
   // Eigenvalue density per step of the matrix chosen in the selector, and the power-law tail fitted
   // at ingest: (n_tail / n) * (α-1)/x_min * (λ/x_min)^-α. Log axes are labelled at decades only.
   function drawSpectrum(chart) {
@@ -259,7 +278,7 @@
   }
 
   const DRAW = {layers: drawLayers, compare: drawCompare, checkpoints: drawCheckpoints, stabilization: drawStabilization,
-    memorization: drawMemorization, spectrum: drawSpectrum, tensors: drawTensors, lines: drawLines};
+    memorization: drawMemorization, spectrum: drawSpectrum, tensors: drawTensors, lines: drawLines, training: drawTraining};
 
   // Printing lays the page out at paper width, but each chart was drawn at the window's width: before
   // printing, narrower charts are redrawn to fit the paper (synchronously), and after it, to fit the window.
