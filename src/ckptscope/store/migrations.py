@@ -82,6 +82,8 @@ def _step_paths(con: duckdb.DuckDBPyConnection) -> None:
             model VARCHAR NOT NULL,
             step  BIGINT NOT NULL,
             path  VARCHAR NOT NULL,            -- as given: relative to the model's source directory, or absolute
+            PRIMARY KEY (model, step)
+        )""")
 
 
 def _seed_groups(con: duckdb.DuckDBPyConnection) -> None:
