@@ -11,6 +11,7 @@ import torch
 from safetensors.numpy import load_file
 
 import ckptscope
+from ckptscope.analyzers.weights import WeightAnalyzer
 from runs import neox_state, trajectory, write_checkpoint, write_run
 
 STEPS = [0, 1, 2, 4, 8]
@@ -122,7 +123,7 @@ def test_vector_metrics_and_tokens(ingested):
         spectra = db.sql(f"SELECT sv FROM spectra WHERE step = 2 AND tensor = '{QKV}' AND component = 'attn.qkv' AND kind = 'weight'")
         np.testing.assert_allclose(spectra["sv"][0].to_list(), np.linalg.svd(load(root, 2)[QKV], compute_uv=False), rtol=1e-10)
         prov = db.sql("SELECT DISTINCT analyzer, version, dtype, parameters->>'rtol' AS rtol FROM runs")
-        assert prov.rows() == [("weights", "1.1.0", "float64", "0.001")]
+        assert prov.rows() == [("weights", WeightAnalyzer.version, "float64", "0.001")]
         dtypes = db.sql("SELECT DISTINCT dtype FROM tensors")["dtype"].to_list()
         assert dtypes == ["float16"]
 
