@@ -249,7 +249,7 @@ class _Reader:
                 return Store(self.path, read_only=True, sandbox=True)
             except StoreError as exc:
                 if "is locked" not in str(exc) or time.monotonic() > deadline:
-                    raise HTTPError(503, str(exc)) from None
+                    raise
             time.sleep(RETRY_SECONDS)
 
     def cached(self, key: tuple, compute: Callable[[], tuple[Any, int]]) -> Any:
@@ -288,6 +288,8 @@ class _Api:
             return await run_in_threadpool(work)
         except HTTPError as exc:
             return _error(exc.status, str(exc))
+        except CkptscopeError as exc:  # the store cannot be opened: locked past LOCK_WAIT_SECONDS, deleted, ...
+            return _error(503, str(exc))
 
     # -- dashboard -----------------------------------------------------------------------------
     async def page(self, request: Request) -> Response:
@@ -409,7 +411,7 @@ def _encode(table: pa.Table, fmt: str) -> bytes:
             return sink.getvalue().to_pybytes()
         df = pl.from_arrow(table)
         return (df.write_json() if fmt == "json" else df.write_csv()).encode()
-    except Exception as exc:  # noqa: BLE001 - a type a format cannot hold (e.g. lists in CSV): the user's to fix
+    except (Exception, pl.exceptions.PanicException) as exc:  # a type the format cannot hold (lists in CSV, blobs in JSON)
         raise HTTPError(400, f"cannot write the result as {fmt}: {exc}; pick another format or cast the column") from None
 
 

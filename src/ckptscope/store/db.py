@@ -140,7 +140,8 @@ class Store:
         if self.read_only:
             self._refuse_writes(query)
         try:
-            reader = self.con.sql(query).fetch_record_batch(SQL_BATCH_ROWS)
+            rel = self.con.sql(query)
+            reader = rel.to_arrow_reader(SQL_BATCH_ROWS) if hasattr(rel, "to_arrow_reader") else rel.fetch_record_batch(SQL_BATCH_ROWS)
             batches, rows, size = [], 0, 0
             for batch in reader:
                 rows, size = rows + batch.num_rows, size + batch.nbytes
