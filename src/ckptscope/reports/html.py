@@ -116,9 +116,9 @@ def render_page(contents: Contents | None, *, live: dict[str, Any] | None = None
     """The whole HTML page: a report, or with `live` ({"poll_ms", "version", "store"}) the dashboard of
     `ckptscope serve`, which polls for a new version and redraws (`contents` None: `message` instead)."""
     plotly_version, plotly_gz = _plotly()
-    return _template().render(**_context(contents, message, (live or {}).get("store", "")), live=live, ckptscope_version=version("ckptscope"),
-                              plotly_version=plotly_version, css=Markup(_asset("report.css")),
-                              js=Markup(_asset("report.js")), plotly_gz=Markup(plotly_gz))
+    context = _context(contents, message, (live or {}).get("store", ""))
+    return _template().render(**context, live=live, ckptscope_version=version("ckptscope"), plotly_version=plotly_version,
+                              css=Markup(_asset("report.css")), js=Markup(_asset("report.js")), plotly_gz=Markup(plotly_gz))
 
 
 def render_parts(contents: Contents | None, message: str = "") -> dict[str, Any]:

@@ -351,7 +351,8 @@ class _Api:
         """Store.summary(), what `ckptscope ls` shows, as a list of row objects."""
         def work() -> Response:
             version = self.reader.version()
-            body = self.reader.cached(("models", version), lambda: _sized(self.reader.read(lambda db: db.summary()).write_json().encode()))
+            body = self.reader.cached(("models", version),
+                                      lambda: _sized(self.reader.read(lambda db: db.summary()).write_json().encode()))
             return Response(body, headers=COMMON_HEADERS, media_type="application/json")
         return await self._answer(work)
 
@@ -367,7 +368,8 @@ class _Api:
             if fmt not in FORMATS:
                 raise HTTPError(400, f"unknown format {fmt!r}; use one of {', '.join(FORMATS)}")
             version = self.reader.version()
-            body = self.reader.cached(("sql", query, fmt, version), lambda: _sized(_encode(self.reader.read(_bounded(query)), fmt)))
+            body = self.reader.cached(("sql", query, fmt, version),
+                                      lambda: _sized(_encode(self.reader.read(_bounded(query)), fmt)))
             headers = dict(COMMON_HEADERS)
             if fmt in ("parquet", "arrow"):
                 headers["Content-Disposition"] = f'attachment; filename="result.{fmt}"'

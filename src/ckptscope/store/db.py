@@ -141,7 +141,8 @@ class Store:
             self._refuse_writes(query)
         try:
             rel = self.con.sql(query)
-            reader = rel.to_arrow_reader(SQL_BATCH_ROWS) if hasattr(rel, "to_arrow_reader") else rel.fetch_record_batch(SQL_BATCH_ROWS)
+            stream = rel.to_arrow_reader if hasattr(rel, "to_arrow_reader") else rel.fetch_record_batch  # DuckDB >= 1.4 : older
+            reader = stream(SQL_BATCH_ROWS)
             batches, rows, size = [], 0, 0
             for batch in reader:
                 rows, size = rows + batch.num_rows, size + batch.nbytes
