@@ -64,12 +64,13 @@ def make_run(base: Path, steps: list[int], layers: int, hidden: int) -> Path:
     return write_run(base / "all", trajectory(state, steps, seed=1), cfg)
 
 
-def ingest_as_they_land(source: Path, run: Path, store: Path, names: list[str]) -> float:
-    """Copy each checkpoint into `run` and ingest it; seconds in all (retries on a held store included)."""
-    start = time.perf_counter()
+def ingest_as_they_land(source: Path, run: Path, store: Path, names: list[str]) -> tuple[float, float]:
+    """Copy each checkpoint into `run` and ingest it: (seconds in all, of which waiting for the server to let go)."""
+    start, waited = time.perf_counter(), 0.0
     for name in names:
         shutil.copytree(source / name, run / name)
         while True:
+            attempt = time.perf_counter()
             try:
                 ckptscope.ingest(run, store=store, name="bench", tokens_per_step=2_097_152)
                 break
@@ -77,14 +78,16 @@ def ingest_as_they_land(source: Path, run: Path, store: Path, names: list[str]) 
                 if "is locked" not in str(exc):
                     raise
                 time.sleep(0.02)
-    return time.perf_counter() - start
+                waited += time.perf_counter() - attempt
+    return time.perf_counter() - start, waited
 
 
-def write(source: Path, run: Path, store: Path, names: list[str]) -> float:
+def write(source: Path, run: Path, store: Path, names: list[str]) -> tuple[float, float]:
     """`ingest_as_they_land` in its own process, so the clients' threads do not slow it down here."""
     done = subprocess.run([sys.executable, __file__, "--write", str(source), str(run), str(store), *names],
                           capture_output=True, text=True, check=True)
-    return float(done.stdout.split()[-1])
+    total, waited = map(float, done.stdout.split()[-2:])
+    return total, waited
 
 
 def client(host: str, port: int, stop: threading.Event, seed: int, out: dict[str, list[float]], errors: list[str]) -> None:
@@ -131,7 +134,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.write:
         source, run, store, *names = args.write
-        print(ingest_as_they_land(Path(source), Path(run), Path(store), names))
+        print(*ingest_as_they_land(Path(source), Path(run), Path(store), names))
         return
 
     steps = [0, *(100 * 2**k for k in range(args.steps + 1))]
@@ -152,7 +155,7 @@ def main() -> None:
             return run, store
 
         run, alone_store = fresh("alone")
-        alone = write(source, run, alone_store, names[2:])
+        alone, _ = write(source, run, alone_store, names[2:])
 
         run, store = fresh("load")
         proc = subprocess.Popen([sys.executable, "-m", "ckptscope.cli", "serve", "--store", str(store), "--port", "0"],
@@ -166,7 +169,7 @@ def main() -> None:
         started = time.perf_counter()
         for t in threads:
             t.start()
-        ingest_done: dict[str, float] = {}
+        ingest_done: dict[str, tuple[float, float]] = {}
         writer = threading.Thread(target=lambda: ingest_done.setdefault("s", write(source, run, store, names[2:])))
         writer.start()
         time.sleep(args.seconds)
@@ -192,10 +195,12 @@ def main() -> None:
             print(f"| {kind} | {len(v)} | {1000 * statistics.median(v):.1f} | {1000 * v[int(0.99 * (len(v) - 1))]:.1f} |")
     print(f"| all | {total} | {1000 * statistics.median(everything):.1f} | {1000 * everything[int(0.99 * (total - 1))]:.1f} |")
     print(f"requests/s: {total / elapsed:.0f}; errors: {len(errors)}" + (f" (first: {errors[0]})" if errors else ""))
-    print(f"ingest: {alone:.1f} s alone, {ingest_done['s']:.1f} s under load ({ingest_done['s'] / alone:.2f}x); "
-          f"same rows stored: {same}")
+    loaded, waited = ingest_done["s"]
+    print(f"ingest: {alone:.1f} s alone, {loaded:.1f} s under load ({loaded / alone:.2f}x), of which {waited:.1f} s waiting "
+          f"for the server to let go of the store; same rows stored: {same}")
     print(json.dumps({"clients": args.clients, "seconds": args.seconds, "requests": total, "rps": total / elapsed,
-                      "errors": len(errors), "ingest_alone_s": alone, "ingest_load_s": ingest_done["s"], "same_rows": same}))
+                      "errors": len(errors), "ingest_alone_s": alone, "ingest_load_s": loaded, "ingest_waited_s": waited,
+                      "same_rows": same}))
 
 
 if __name__ == "__main__":

@@ -405,3 +405,25 @@ def test_dashboard_of_an_empty_store_waits_for_the_first_checkpoint(tmp_path, br
         WebDriverWait(browser, 60).until(lambda d: d.execute_script("return document.documentElement.dataset.state") == "ready")
         message = browser.execute_script("return document.getElementById('message').textContent")
         assert "holds no models yet" in message and "updates when checkpoints land" in message
+
+
+def test_dashboard_behind_a_token(checkpoints, tmp_path, browser):
+    """The browser gets the login form (401), the token typed there opens the dashboard, and its polls carry it."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    run, store = start_run(checkpoints, tmp_path, STEPS[:2])
+    with served(store, "--token", "tab-token") as url:
+        browser.get(url)
+        assert browser.find_element(By.TAG_NAME, "button").text == "Open the dashboard"
+        browser.find_element(By.ID, "token").send_keys("wrong")
+        browser.find_element(By.TAG_NAME, "button").click()
+        WebDriverWait(browser, 10).until(lambda d: d.find_element(By.ID, "problem").text == "wrong token")
+        browser.find_element(By.ID, "token").clear()
+        browser.find_element(By.ID, "token").send_keys("tab-token")
+        browser.find_element(By.TAG_NAME, "button").click()
+        WebDriverWait(browser, 60).until(lambda d: d.execute_script("return document.documentElement.dataset.state") == "ready")
+        assert browser.execute_script(CHECKPOINT_POINTS) == 2
+        assert writer(checkpoints, run, store, [STEPS[2]]).wait(120) == 0
+        WebDriverWait(browser, 30).until(lambda d: d.execute_script(CHECKPOINT_POINTS) == 3)
+        assert "tab-token" not in browser.current_url
