@@ -141,7 +141,7 @@ class Store:
             self._refuse_writes(query)
         try:
             rel = self.con.sql(query)
-            stream = rel.to_arrow_reader if hasattr(rel, "to_arrow_reader") else rel.fetch_record_batch  # DuckDB >= 1.4 : older
+            stream = rel.to_arrow_reader if hasattr(rel, "to_arrow_reader") else rel.fetch_record_batch  # newer DuckDB : older (deprecated since)
             reader = stream(SQL_BATCH_ROWS)
             batches, rows, size = [], 0, 0
             for batch in reader:
