@@ -515,5 +515,19 @@ def phases(target, store, metrics, max_states, seed):
     display.show(out, spans, f"states visited: {df['state'].n_unique()}; stored in training_phases, the HMM in runs (analyzer 'phases')")
 
 
+@main.command()
+@_store_option
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on; other than loopback needs --token.")
+@click.option("--port", type=click.IntRange(0, 65535), default=8765, show_default=True, help="Port (0: any free one).")
+@click.option("--token", envvar="CKPTSCOPE_TOKEN", help="Require `Authorization: Bearer TOKEN` [default: $CKPTSCOPE_TOKEN].")
+@_friendly
+def serve(store, host, port, token):
+    """Serve a live dashboard and a read-only SQL API of the store (works beside a running ingest)."""
+    from ckptscope.serve import serve as run
+
+    run(store or default_store_path(), host=host, port=port, token=token,
+        ready=lambda url: display.line(out, f"serving {store or default_store_path()} at {url} (Ctrl-C stops)"))
+
+
 if __name__ == "__main__":
     main()

@@ -73,6 +73,22 @@ class Overview:
     checkpoints: Chart
 
 
+@dataclass
+class Contents:
+    """What a report shows, read from the store in one go: the template's tables and report.js's charts."""
+
+    store: str
+    sel: q.Selection
+    overview: Overview
+    sections: list[Section]
+    generated: str  # when it was read
+
+    def charts(self) -> list[dict[str, Any]]:
+        """report.js's payload: one spec per chart, in page order."""
+        charts = [self.overview.checkpoints, *(c for s in self.sections for c in s.charts)]
+        return [{"id": c.id, **c.spec} for c in charts]
+
+
 def build_report(store: Path | str, output: Path | str, *, models: Sequence[str] | None = None,
                  metrics: Sequence[str] | None = None, components: Sequence[str] | None = None) -> Path:
     """Write an offline HTML report of `store` to `output` and return its path.
@@ -83,22 +99,46 @@ def build_report(store: Path | str, output: Path | str, *, models: Sequence[str]
     """
     output = Path(output)
     with Store(store, read_only=True) as db:
-        sel = q.select(db, models, metrics, components)
-        builder = _Builder(db, sel)
-        overview = builder.overview()
-        sections = builder.sections()
-    charts = [overview.checkpoints, *(c for s in sections for c in s.charts)]
-    plotly_version, plotly_js = _plotly()
-    html = _template().render(
-        store=str(store), generated=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        ckptscope_version=version("ckptscope"), plotly_version=plotly_version, sel=sel,
-        overview=overview, anomaly_limit=ANOMALY_ROWS, sections=sections,
-        css=Markup(_asset("report.css")), js=Markup(_asset("report.js")), plotly_js=Markup(plotly_js),
-        payload=Markup(_script_json([{"id": c.id, **c.spec} for c in charts])),
-    )
+        contents = read_contents(db, models, metrics, components)
+    contents.store = str(store)  # as the user wrote it: the report's `ckptscope sql --store` hints show it
     output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(html, encoding="utf-8")
+    output.write_text(render_page(contents), encoding="utf-8")
     return output
+
+
+def read_contents(db: Store, models: Sequence[str] | None = None, metrics: Sequence[str] | None = None,
+                  components: Sequence[str] | None = None) -> Contents:
+    """Run every query of a report on an open store (filters as in `build_report`)."""
+    builder = _Builder(db, q.select(db, models, metrics, components))
+    overview = builder.overview()
+    return Contents(str(db.path), builder.sel, overview, builder.sections(),
+                    datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"))
+
+
+def render_page(contents: Contents | None, *, live: dict[str, Any] | None = None, message: str = "") -> str:
+    """The whole HTML page: a report, or with `live` ({"poll_ms", "version", "store"}) the dashboard of
+    `ckptscope serve`, which polls for a new version and redraws (`contents` None: `message` instead)."""
+    plotly_version, plotly_js = _plotly()
+    context = _context(contents, message, (live or {}).get("store", ""))
+    return _template().render(**context, live=live, ckptscope_version=version("ckptscope"), plotly_version=plotly_version,
+                              css=Markup(_asset("report.css")), js=Markup(_asset("report.js")), plotly_js=Markup(plotly_js))
+
+
+def render_parts(contents: Contents | None, message: str = "") -> dict[str, Any]:
+    """What a live page swaps in when the store changed: its nav and main HTML and the chart payload."""
+    template = _template()
+    context = template.new_context({**_context(contents, message, ""), "live": True})
+    parts = {block: "".join(template.blocks[block](context)) for block in ("nav", "main")}
+    return {**parts, "charts": contents.charts() if contents else [], "generated": contents.generated if contents else ""}
+
+
+def _context(contents: Contents | None, message: str, store: str) -> dict[str, Any]:
+    if contents is None:
+        return {"store": store, "sel": None, "overview": None, "sections": [], "generated": "", "message": message,
+                "anomaly_limit": ANOMALY_ROWS, "payload": Markup("[]")}
+    return {"store": contents.store, "sel": contents.sel, "overview": contents.overview, "sections": contents.sections,
+            "generated": contents.generated, "message": message, "anomaly_limit": ANOMALY_ROWS,
+            "payload": Markup(_script_json(contents.charts()))}
 
 
 class _Builder:

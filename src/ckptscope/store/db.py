@@ -28,6 +28,7 @@ DEFAULT_STORE = "ckptscope.duckdb"
 STORAGE_COMPATIBILITY = "v1.1.0"  # oldest DuckDB that must open a new store; see docs/store.md
 DEMO_STORE = "ckptscope-demo.duckdb"  # what `ckptscope demo` writes
 READ_STATEMENTS = {"SELECT", "EXPLAIN"}
+SQL_BATCH_ROWS = 8192  # rows per Arrow batch read by `sql_arrow`
 CORE_RUN_TABLES = ("metric_values", "spectra", "anomalies", "runs")  # rows owned by a run, besides analyzer tables
 
 
@@ -51,11 +52,14 @@ class Store:
     """A ckptscope DuckDB file.
 
     `Store(path)` opens (creating if needed) for writing; `Store(path, read_only=True)` opens an
-    existing store for queries and refuses any statement that is not a read.
+    existing store for queries and refuses any statement that is not a read; `sandbox=True` (with
+    read_only) also denies queries any file but the store (`read_csv`, `glob`, ...), for `ckptscope serve`.
     """
 
-    def __init__(self, path: Path | str | None = None, *, read_only: bool = False) -> None:
+    def __init__(self, path: Path | str | None = None, *, read_only: bool = False, sandbox: bool = False) -> None:
         self.path = Path(path) if path is not None else default_store_path()
+        if sandbox and not read_only:
+            raise ValueError("sandbox=True needs read_only=True")
         self.read_only = read_only
         if read_only and not self.path.exists():
             raise StoreError(f"store {self.path} does not exist; create it with `ckptscope ingest SOURCE`, or pass --store STORE "
@@ -70,6 +74,8 @@ class Store:
             # the newest one, which only the newest DuckDB opens. An existing file keeps its format.
             config = ({"autoinstall_known_extensions": False, "autoload_known_extensions": False} if read_only
                       else {"storage_compatibility_version": STORAGE_COMPATIBILITY})
+            if sandbox:  # queries from the network (`ckptscope serve`) must not read or list other files
+                config["enable_external_access"] = False
             self.con = duckdb.connect(str(self.path), read_only=read_only, config=config)
         except duckdb.IOException as exc:
             msg = _one_line(exc)
@@ -134,6 +140,32 @@ class Store:
             return pl.DataFrame() if rel is None else pl.from_arrow(rel.to_arrow_table())
         except duckdb.Error as exc:
             raise StoreError(f"query failed: {_one_line(exc)}") from None
+
+    def sql_arrow(self, query: str, *, max_rows: int | None = None, max_bytes: int | None = None) -> pa.Table:
+        """Like `sql` (same refusals), as an Arrow table fetched in batches, refused as soon as it
+        passes `max_rows` rows or `max_bytes` bytes: a server's bound on what one query may take."""
+        if self.read_only:
+            self._refuse_writes(query)
+        try:
+            rel = self.con.sql(query)
+            stream = rel.to_arrow_reader if hasattr(rel, "to_arrow_reader") else rel.fetch_record_batch  # newer DuckDB : older (deprecated since)
+            reader = stream(SQL_BATCH_ROWS)
+            batches, rows, size = [], 0, 0
+            for batch in reader:
+                rows, size = rows + batch.num_rows, size + batch.nbytes
+                if max_rows is not None and rows > max_rows:
+                    raise StoreError(f"the result has more than {max_rows:,} rows, the limit here; add LIMIT or aggregate")
+                if max_bytes is not None and size > max_bytes:
+                    raise StoreError(f"the result is larger than {max_bytes / 2**20:g} MiB, the limit here; "
+                                     "select fewer columns or rows")
+                batches.append(batch)
+            return pa.Table.from_batches(batches, reader.schema)
+        except (duckdb.Error, pa.ArrowIOError) as exc:  # an error while streaming comes through Arrow
+            raise StoreError(f"query failed: {_one_line(exc)}") from None
+
+    def interrupt(self) -> None:
+        """Cancel the query running on this store (called from another thread: a server's time limit)."""
+        self.con.interrupt()
 
     def _refuse_writes(self, query: str) -> None:
         try:

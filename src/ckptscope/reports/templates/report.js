@@ -301,7 +301,49 @@
     console.error(error);
   }
 
+  // A live page (`ckptscope serve`): the token a login page kept for this tab, sent with every request.
+  const TOKEN_KEY = "ckptscope-token";
+  async function getJSON(url) {
+    const token = sessionStorage.getItem(TOKEN_KEY);
+    const response = await fetch(url, {cache: "no-store", headers: token ? {Authorization: `Bearer ${token}`} : {}});
+    const body = await response.json();
+    if (!response.ok) throw new Error(body.error || `HTTP ${response.status}`);
+    return body;
+  }
+
+  // Polls the server's cheap state; when the store's version moved, swaps in the new nav and main,
+  // keeps the components chosen, and redraws. A failed poll (store busy, server restarting) is retried.
+  async function follow(status, pollMs) {
+    const root = document.documentElement;
+    for (;;) {
+      await new Promise((resolve) => setTimeout(resolve, pollMs));
+      try {
+        const state = await getJSON("/api/state");
+        if (state.version === root.dataset.version) continue;
+        const page = await getJSON("/api/dashboard");
+        const chosen = Array.from(document.querySelectorAll("main select"), (s) => [s.id, s.value]);
+        document.querySelectorAll("main .plot").forEach((div) => Plotly.purge(div));
+        document.querySelector("header nav").innerHTML = page.nav;
+        document.querySelector("main").innerHTML = page.main;
+        for (const [id, value] of chosen) {
+          const select = document.getElementById(id);
+          if (select && Array.from(select.options, (o) => o.value).includes(value)) select.value = value;
+        }
+        document.getElementById("updated").textContent = page.generated || "–";
+        for (const chart of page.charts) DRAW[chart.type](chart);
+        root.dataset.version = page.version;
+        root.dataset.updates = String(Number(root.dataset.updates || 0) + 1);
+        status.textContent = `${page.charts.length} charts drawn; watching the store for new checkpoints.`;
+        status.classList.remove("error");
+      } catch (error) {
+        status.textContent = `Could not update (retrying): ${error.message}`;
+        status.classList.add("error");
+      }
+    }
+  }
+
   function main() {
+    const root = document.documentElement;
     try {
       const charts = JSON.parse(document.getElementById("report-data").textContent);
       for (const chart of charts) DRAW[chart.type](chart);
@@ -311,6 +353,7 @@
     } catch (error) {
       fail(error);
     }
+    if (root.dataset.live) follow(status, Number(root.dataset.live));
   }
 
   main();
