@@ -77,7 +77,7 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 def test_no_import_cycles():
     found = modules()
     graph = {name: imports(name, path, set(found)) for name, path in found.items()}
-    assert len(graph) > 30 and graph["ckptscope.pipeline.ingest"]  # the walk sees the package
+    assert len(graph) > 30 and graph["ckptscope.pipeline.driver"]  # the walk sees the package
     assert cycles(graph) == []
 
 
@@ -91,3 +91,13 @@ def test_workers_and_rows_do_not_need_duckdb():
     for name in ("ckptscope.rows", "ckptscope.pipeline.tasks", "ckptscope.analyzers.contract"):
         text = found[name].read_text()
         assert "import duckdb" not in text and "ckptscope.store" not in text, name
+
+
+def test_worker_imports_do_not_load_duckdb():
+    """What a worker process imports to build rows and run a step must not load DuckDB."""
+    import subprocess
+    import sys
+
+    code = "import sys, ckptscope.rows, ckptscope.pipeline.tasks; print('duckdb' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

@@ -8,14 +8,13 @@ tensors, analyzers turn tensors into rows (`ckptscope.analyzers`), the store wri
 from typing import Any
 
 from ckptscope.errors import CkptscopeError
-from ckptscope.store.db import Store, default_store_path
 
 __all__ = ["CkptscopeError", "Store", "analyze", "default_store_path", "ingest"]
 __version__ = "0.1.0"
 
 
 def ingest(source: Any, **options: Any) -> Any:
-    """Analyze checkpoints into the store: `ckptscope.pipeline.ingest.ingest`, imported on first use.
+    """Analyze checkpoints into the store: `ckptscope.pipeline.driver.ingest`, imported on first use.
 
     Importing the pipeline loads torch (about a second); `ckptscope sql` and `ls` never need it.
     """
@@ -25,7 +24,17 @@ def ingest(source: Any, **options: Any) -> Any:
 
 
 def analyze(model: str, analyzers: str, **options: Any) -> Any:
-    """Run analyzers on a model already in the store: `ckptscope.pipeline.ingest.analyze`."""
+    """Run analyzers on a model already in the store: `ckptscope.pipeline.driver.analyze`."""
     from ckptscope.pipeline import analyze as run
 
     return run(model, analyzers, **options)
+
+
+def __getattr__(name: str) -> Any:
+    """`ckptscope.Store` and `default_store_path`, imported on first use: worker processes import
+    `ckptscope.rows` and the pipeline's tasks, which must not load DuckDB."""
+    if name in ("Store", "default_store_path"):
+        from ckptscope.store import db
+
+        return getattr(db, name)
+    raise AttributeError(f"module 'ckptscope' has no attribute {name!r}")

@@ -224,7 +224,8 @@ def _analyze_command(name: str, cls: type) -> click.Command:
         from ckptscope.pipeline import analyze
 
         flat, _ = collect(found, values)
-        _summarize(analyze(model, name, store=store, steps=steps, force=force, progress=True, **flat), verb="analyzed")
+        mine = {k: flat.pop(k) for k in list(flat) if k in cls.Options.names()}  # never routed to the source
+        _summarize(analyze(model, {name: mine}, store=store, steps=steps, force=force, progress=True, **flat), verb="analyzed")
 
     command.__doc__ = cls.summary()
     return click.command(name=name)(apply(command, found, required=True))

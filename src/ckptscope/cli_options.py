@@ -27,6 +27,7 @@ class Flag:
     name: str
     owners: tuple[str, ...] | None
     declared: Declared
+    defaults: dict[str, Any] | None = None  # each owner's default, where owners share the flag
 
 
 def _click_type(d: Declared) -> Any:
@@ -35,8 +36,11 @@ def _click_type(d: Declared) -> Any:
     return {int: click.INT, float: click.FLOAT, Path: click.Path(path_type=Path), str: click.STRING}.get(d.type, click.STRING)
 
 
-def _help(d: Declared, owners: Iterable[str]) -> str:
+def _help(d: Declared, owners: Iterable[str], defaults: dict[str, Any] | None = None) -> str:
     text = d.help
+    if defaults and len(set(map(repr, defaults.values()))) > 1:  # owners sharing the flag differ: say whose is which
+        text += " [default: " + ", ".join(f"{v} ({o})" for o, v in defaults.items()) + "]"
+        return text
     default = d.default
     if not d.required and default is not None and default is not False and "[default" not in text:
         text += f" [default: {default}]"
@@ -61,7 +65,7 @@ def flags(groups: dict[str, list[Declared]], *, required: bool = False) -> list[
         if len(kinds) == 1 and not shadowed:
             owners = tuple(o for o, _ in entries if o)
             d = entries[0][1]
-            out.append(Flag(name, name, owners or None, d))
+            out.append(Flag(name, name, owners or None, d, {o: e.default for o, e in entries if o}))
         else:  # same name, other meaning: one flag per owner
             for owner, d in entries:
                 if owner == "":
@@ -81,10 +85,10 @@ def apply(f: Callable, found: list[Flag], *, required: bool = False) -> Callable
         owners = flag.owners or ()
         if d.type is bool:
             negative = "--no-" + d.flag.removeprefix("--")
-            opt = click.option(f"{d.flag}/{negative}", flag.param, default=None, help=_help(d, owners))
+            opt = click.option(f"{d.flag}/{negative}", flag.param, default=None, help=_help(d, owners, flag.defaults))
         else:
             opt = click.option(d.flag, flag.param, type=_click_type(d), default=None, metavar=d.metavar,
-                               required=required and d.required, help=_help(d, owners))
+                               required=required and d.required, help=_help(d, owners, flag.defaults))
         f = opt(f)
     return f
 

@@ -11,6 +11,7 @@ and the one-line errors (`build()` names the flag and what it accepts). Validati
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import math
 import types
@@ -27,7 +28,8 @@ T = TypeVar("T", bound="Options")
 
 
 def option(default: Any = MISSING, *, help: str, check: Check | None = None, choices: Iterable[str] | None = None,
-           metavar: str | None = None, digest: bool = False, flag: str | None = None, affects_results: bool = True) -> Any:
+           metavar: str | None = None, digest: bool = False, flag: str | None = None, affects_results: bool = True,
+           normalize: Callable[[Any], Any] | None = None) -> Any:
     """Declare one option field.
 
     `default` MISSING makes the option required. `check(value)` returns an error fragment
@@ -35,10 +37,11 @@ def option(default: Any = MISSING, *, help: str, check: Check | None = None, cho
     stores the file's sha256 in the provenance, so a changed file counts as a changed parameter.
     `flag` overrides the CLI flag (default `--name-with-dashes`). `affects_results=False` marks
     options that change how, not what, is computed (batch sizes, memory budgets): they are stored
-    but a rerun that changes them is not a changed parameter.
+    but a rerun that changes them is not a changed parameter. `normalize` maps a coerced value to
+    its canonical form (e.g. "Final" -> "final"), so equal meanings compare equal on a rerun.
     """
     meta = {"help": help, "check": check, "choices": tuple(choices) if choices is not None else None,
-            "metavar": metavar, "digest": digest, "flag": flag, "affects_results": affects_results}
+            "metavar": metavar, "digest": digest, "flag": flag, "affects_results": affects_results, "normalize": normalize}
     return field(default=default, metadata=meta)
 
 
@@ -158,9 +161,14 @@ def _coerce(cls: type[Options], d: Declared, value: Any) -> Any:
             converted = str(value)
     except (ValueError, TypeError, KeyError):
         raise CkptscopeError(f"{d.flag} {value!r}: {cls.owner} expects {_kind(d.type)}") from None
+    meta = next(f.metadata for f in dataclasses.fields(cls) if f.name == d.name)
+    if meta.get("normalize") is not None:
+        converted = meta["normalize"](converted)
+    if meta.get("digest") and not converted.is_file():
+        raise CkptscopeError(f"{d.flag} {value!s}: no such file")
     if d.choices is not None and converted not in d.choices:
         raise CkptscopeError(f"{d.flag} {converted!r}: choose from {', '.join(d.choices)}")
-    check = next((f.metadata.get("check") for f in dataclasses.fields(cls) if f.name == d.name), None)
+    check = meta.get("check")
     problem = check(converted) if check is not None else None
     if problem:
         raise CkptscopeError(f"{d.flag} {value!r}: {problem}")
@@ -187,7 +195,14 @@ def existing_file(v: Path) -> str | None:
 
 
 def file_digest(path: Path) -> str:
-    """sha256 of a file, read in 1 MB blocks."""
+    """sha256 of a file, read in 1 MB blocks; computed once per path, size and modification time
+    (provenance is asked for at every step)."""
+    st = path.stat()
+    return _digest(str(path), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=64)
+def _digest(path: str, size: int, mtime_ns: int) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):

@@ -43,9 +43,10 @@ class Table:
         return f"CREATE TABLE IF NOT EXISTS {self.name} (\n    " + ",\n    ".join(cols) + "\n)"
 
     def check(self) -> None:
-        bad = {c: k for c, k in self.types().items() if k.removesuffix(" NOT NULL") not in ARROW_TYPES}
-        if bad or not set(self.key) <= set(self.columns) or not self.name.isidentifier():
-            raise ValueError(f"table {self.name!r}: column types must be among {sorted(ARROW_TYPES)} and key among its columns")
+        bad = {c: k for c, k in self.types().items() if k.removesuffix(" NOT NULL") not in ARROW_TYPES or not c.isidentifier()}
+        if bad or not set(self.key) <= {*self.columns, "step"} or not self.name.isidentifier():
+            raise ValueError(f"table {self.name!r}: columns must be identifiers typed among {sorted(ARROW_TYPES)}, "
+                             "and the key among its columns (or step)")
 
     def arrow_type(self, column: str) -> pa.DataType:
         return ARROW_TYPES[self.types()[column].removesuffix(" NOT NULL")]

@@ -53,6 +53,8 @@ def check_membership(db: Store, model: str, group: str | None, seed: int | None)
     must change, None when there is nothing to record."""
     if group is None:
         return None
+    if not has_groups(db):  # a store from before seed groups: it is upgraded when written, and holds no member
+        return group, seed
     taken = db.sql("SELECT model FROM models WHERE group_name = ? AND seed = ? AND model <> ?", [group, seed, model])
     if taken.height:
         raise CkptscopeError(f"group {group!r} already has seed {seed} (model {taken['model'][0]}); "

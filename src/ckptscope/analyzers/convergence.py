@@ -57,7 +57,7 @@ def _activations(model: LoadedModel, sites: list[Site], batch: Batch) -> dict[st
 class ConvergenceOptions(Options):
     owner = "analyzer convergence"
     probe: Path = option(help="Sequences (JSONL, Parquet or .npy) to compare activations on.", digest=True)
-    reference_step: str = option("final", check=lambda v: _reference_problem(v),
+    reference_step: str = option("final", check=lambda v: _reference_problem(v), normalize=lambda v: str(_parse_reference(v)),
                                  help="Step to compare with: final, first or a step number.")
     batch_size: int = option(16, check=at_least(1), affects_results=False, help="Sequences per forward pass.")
     cache_mb: float = option(2048, check=at_least(0), affects_results=False,
@@ -70,7 +70,7 @@ class ConvergenceAnalyzer(Analyzer):
     """Per-layer linear CKA of activations on a probe set against a reference step."""
 
     name = "convergence"
-    version = "1.0.0"
+    version = "1.1.0"  # 1.1.0: runs.parameters hold the option as given (reference_step) and the step used (reference)
     Options = ConvergenceOptions
     unit = "batches"
 

@@ -57,9 +57,6 @@ class Corpus:
     split: list[str | None]
     _tokenized: Sequences | None = field(default=None, repr=False)
 
-    def provenance(self, key: str) -> dict[str, str]:
-        return {key: self.path.name, f"{key}_sha256": self.sha256}
-
     def check_vocab(self, config: dict | None) -> None:
         """Token-id rows against the vocabulary a model config declares (text rows are tokenized later)."""
         vocab = (config or {}).get("vocab_size")

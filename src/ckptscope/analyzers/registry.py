@@ -58,6 +58,8 @@ def discover() -> dict[str, Found]:
         for value in vars(module).values():
             if (isinstance(value, type) and issubclass(value, Analyzer) and value.__module__ == module.__name__
                     and value.name):
+                for table in value.tables:
+                    table.check()
                 found[value.name] = Found(value.name, "ckptscope", value)
     for ep in entry_points(group=GROUP):
         origin = ep.dist.name if ep.dist is not None else ep.value

@@ -169,7 +169,8 @@ class StepWorker:
                     ckpt = self.ckpts.get(step)
                 except MissingRevision as exc:
                     self.missing[step] = (self.ckpts.refs[step].revision, str(exc))
-                    steps.remove(step)
+                    if step in steps:  # a pinned reference need not be a candidate
+                        steps.remove(step)
                     continue
                 found = Architecture.of(ckpt)
                 if arch is None:

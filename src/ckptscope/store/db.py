@@ -89,13 +89,17 @@ class Store:
         except duckdb.Error as exc:
             raise StoreError(f"cannot open store {self.path}: {_one_line(exc)}; is it a ckptscope DuckDB file?") from None
         self._opened = os.stat(self.path)
-        if read_only:
-            self._check_version()
-        else:
-            try:
-                self._migrate()
-            except duckdb.Error as exc:  # a new store's schema is its first write
-                raise self._write_error(exc) from None
+        try:
+            if read_only:
+                self._check_version()
+            else:
+                try:
+                    self._migrate()
+                except duckdb.Error as exc:  # a new store's schema is its first write
+                    raise self._write_error(exc) from None
+        except BaseException:
+            self.con.close()
+            raise
 
     # -- lifecycle -------------------------------------------------------------------------
     def close(self) -> None:
@@ -463,9 +467,6 @@ class Store:
             advice = "run the same command again to resume"
         return StoreError(f"cannot write store {self.path}: {msg}; the checkpoints completed before are saved; {advice}")
 
-    def run_parameters(self, model: str, analyzer: str) -> dict[int, dict]:
-        rows = self.con.execute("SELECT step, parameters FROM runs WHERE model = ? AND analyzer = ?", [model, analyzer]).fetchall()
-        return {step: json.loads(params) for step, params in rows}
 
     def _delete_step(self, model: str, step: int, analyzers: list[str]) -> None:
         ids = [r[0] for r in self.con.execute(
@@ -509,7 +510,8 @@ class Store:
                                      f"declares {base}; give the analyzer a new table name")
             for view in table.views:
                 self.con.execute(view)
-            self.con.execute("INSERT OR REPLACE INTO analyzer_tables (table_name, analyzer, columns, key) VALUES (?, ?, ?, ?)",
+            self.con.execute("INSERT INTO analyzer_tables (table_name, analyzer, columns, key) VALUES (?, ?, ?, ?) "
+                             "ON CONFLICT (table_name) DO UPDATE SET columns = excluded.columns, key = excluded.key",
                              [table.name, analyzer, json.dumps(table.types()), json.dumps(list(table.key))])
 
     def _insert(self, table: str, model: str, step: int, run_id: int | None, columns: dict[str, list],
