@@ -100,3 +100,20 @@ def test_mkdocs_build_strict_fails_on_a_broken_anchor_and_a_page_outside_the_nav
     result = mkdocs(tmp_path / "mkdocs.yml", tmp_path / "site")
     assert result.returncode != 0
     assert "no-such-heading" in result.stderr and "orphan.md" in result.stderr, result.stderr
+
+
+def test_readme_tour_runs_as_written(tmp_path):
+    """Every command of README's tour runs as it is, after `ckptscope demo`, and so does its Python."""
+    text = README.read_text()
+    tour = text[text.index("## A short tour"):]
+    commands = [line for block in re.findall(r"```bash\n(.*?)\n```", tour, flags=re.S) for line in block.splitlines()]
+    python = re.findall(r"```python\n(.*?)\n```", tour, flags=re.S)
+    assert len(commands) >= 5 and python
+    res = subprocess.run(["ckptscope", "demo"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr
+    for command in commands:
+        res = subprocess.run(["bash", "-c", command], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+        assert res.returncode == 0 and "error" not in res.stderr.lower(), (command, res.stdout, res.stderr)
+    assert (tmp_path / "alpha.parquet").stat().st_size > 0 and (tmp_path / "report.html").stat().st_size > 0
+    res = subprocess.run([sys.executable, "-c", python[0]], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr

@@ -5,11 +5,12 @@ tensors, analyzers turn tensors into rows (`ckptscope.analyzers`), the store wri
 (`ckptscope.store`), and reports and SQL read the store.
 """
 
+from pathlib import Path
 from typing import Any
 
 from ckptscope.errors import CkptscopeError
 
-__all__ = ["CkptscopeError", "Store", "analyze", "default_store_path", "ingest"]
+__all__ = ["CkptscopeError", "Store", "analyze", "default_store_path", "demo_suite", "ingest"]
 __version__ = "0.1.0"
 
 
@@ -21,6 +22,11 @@ def ingest(source: Any, **options: Any) -> Any:
     from ckptscope.pipeline import ingest as run
 
     return run(source, **options)
+
+
+def demo_suite() -> Path:
+    """The embedded demo run (a tiny GPT-NeoX trained on public-domain text), as a local source."""
+    return Path(__file__).parent / "demo_suite"
 
 
 def analyze(model: str, analyzers: str, **options: Any) -> Any:
