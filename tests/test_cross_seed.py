@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import os
 import shutil
 import subprocess
@@ -19,14 +20,18 @@ from safetensors.numpy import load_file
 
 from ckptscope.cross_seed import analyze_seeds, seed_similarity
 from ckptscope.errors import CkptscopeError
+from ckptscope.phases import fit_phases
 from ckptscope.pipeline import analyze, ingest
+from ckptscope.reports import build_report
+from ckptscope.seeds import seed_intervals
 from ckptscope.store.db import Store
 from test_convergence import ref_cka, ref_cka_debiased
+from test_reports import assert_renders_cleanly, browser, open_report, report_payload, section_titles  # noqa: F401 (fixture)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 from make_seed_suite import make_seed_suite  # noqa: E402
 
-STEPS = (0, 2, 8)
+STEPS = (0, 1, 2, 4, 8)  # five steps: enough for the HMM of `phases`
 GROUPS = {"recipe-a": (1, 2, 3), "recipe-b": (4, 5)}
 
 
@@ -127,7 +132,7 @@ def test_a_step_the_other_model_lacks_is_skipped_with_an_anomaly(suite, tmp_path
     with Store(store, read_only=True) as db:
         steps = db.sql("SELECT DISTINCT step FROM metrics WHERE analyzer = 'convergence:gappy' AND metric = 'cka_model' ORDER BY 1")
         gaps = db.sql("SELECT step, kind, detail FROM anomalies WHERE kind = 'reference_step_missing'")
-    assert steps["step"].to_list() == [0, 8]
+    assert steps["step"].to_list() == [0, 1, 4, 8]
     assert gaps.rows() == [(2, "reference_step_missing", "model gappy has no step 2 in its source; cka_model was not computed for this step")]
 
 
@@ -159,3 +164,78 @@ def test_analyze_seeds_cli_resumes(suite):
     with Store(suite["store"], read_only=True) as db:  # every pair and step was done already: nothing recomputed
         assert db.sql("SELECT count(*) FROM runs WHERE analyzer LIKE 'convergence:%'").item() == 3 * len(STEPS)
     assert not math.isnan(seed_similarity("recipe-a", store=suite["store"], metric="cka_seed")["mean"].mean())
+
+
+# -- the report's seed sections -------------------------------------------------------------------
+
+def label(row: dict) -> str:
+    return f"{row['tensor']} ({row['component']})"
+
+
+def test_seed_report_bands_equal_seed_intervals(suite, browser, tmp_path):
+    store = tmp_path / "report.duckdb"
+    shutil.copy(suite["store"], store)
+    phases = fit_phases("recipe-a", store=store, max_states=3, seed=0)
+    report = build_report(store, tmp_path / "seeds.html", metrics=["stable_rank"], groups=["recipe-a", "recipe-b"],
+                          seed_bootstrap=100, seed=3)
+    info = open_report(browser, report, tmp_path / "seeds.png")
+    # overview, stable_rank per model (5 x heatmap + lines), spectra (5), bands (2 groups), cross-seed CKA, phases, difference
+    assert_renders_cleanly(info, tmp_path / "seeds.png", min_charts=1 + 5 * 2 + 5 + 2 + 1 + 1 + 1)
+    titles = section_titles(browser)
+    assert {"Seed group: recipe-a", "Seed group: recipe-b", "Seed groups compared with recipe-a"} <= set(titles)
+    charts = report_payload(report)
+
+    band = next(c for c in charts if c["type"] == "seedband" and c["group"] == "recipe-a")
+    expected: dict[str, dict[int, dict]] = {}
+    for r in seed_intervals("recipe-a", "stable_rank", store=store, nboot=100, seed=3).to_dicts():
+        expected.setdefault(label(r), {})[r["step"]] = r
+    assert [c["label"] for c in band["cells"]] and {c["label"] for c in band["cells"]} == set(expected)
+    with Store(store, read_only=True) as db:
+        raw = db.sql("SELECT m.seed, v.step, v.tensor, v.component, v.value FROM metric_values v JOIN models m USING (model) "
+                     "WHERE m.group_name = 'recipe-a' AND v.metric = 'stable_rank'")
+    for cell in band["cells"]:
+        want = expected[cell["label"]]
+        assert cell["steps"] == sorted(want) == list(STEPS)
+        for key in ("mean", "low", "high"):
+            assert cell[key] == pytest.approx([want[s][key] for s in cell["steps"]], rel=1e-12)
+        tensor, component = cell["label"].removesuffix(")").rsplit(" (", 1)
+        assert len(cell["seeds"]) == 3
+        for line in cell["seeds"]:
+            own = raw.filter((pl.col("seed") == line["seed"]) & (pl.col("tensor") == tensor) & (pl.col("component") == component))
+            own = own.sort("step")
+            assert line["values"] == own["value"].to_list() and line["steps"] == own["step"].to_list()
+
+    diff = next(c for c in charts if c["type"] == "seeddiff")
+    assert (diff["group"], diff["compare"]) == ("recipe-a", "recipe-b")
+    first = diff["cells"][0]
+    component = first["label"].rsplit(" (", 1)[1].rstrip(")")
+    direct = seed_intervals("recipe-a", "stable_rank", store=store, component=component, compare="recipe-b", nboot=100, seed=3)
+    direct = direct.filter(pl.col("tensor") == first["label"].rsplit(" (", 1)[0]).sort("step")
+    for key in ("difference", "low", "high", "p"):
+        assert first[key] == pytest.approx(direct[key].to_list(), rel=1e-12)
+
+    cka = next(c for c in charts if c["type"] == "seedcka")
+    view = seed_similarity("recipe-a", store=store, metric="cka_seed")
+    comp = cka["components"].index("resid")
+    for s in cka["series"][comp]:
+        got = view.filter((pl.col("component") == "resid") & (pl.col("layer") == s["layer"])).sort("step")
+        assert s["mean"] == got["mean"].to_list() and s["n_pairs"] == [3] * len(STEPS)
+
+    drawn = next(c for c in charts if c["type"] == "phases")
+    for line in drawn["seeds"]:
+        assert line["state"] == phases.filter(pl.col("model") == line["model"]).sort("step")["state"].to_list()
+    assert not any(c["type"] == "phases" and c["group"] == "recipe-b" for c in charts)  # no phases fitted for it
+
+    hover = browser.execute_script(
+        "const gd = document.getElementById(arguments[0]); Plotly.Fx.hover(gd, [{curveNumber: 2, pointNumber: 1}]);"
+        "return gd.querySelector('.hoverlayer').textContent;", f"{band['id']}-0")
+    assert "seed 1 (s1)" in hover and "step: 1" in hover, hover
+
+
+def test_report_groups_option(suite, tmp_path):
+    out = _cli("report", "--store", str(suite["store"]), "--groups", "recipe-z", "-o", str(tmp_path / "r.html"))
+    assert out.returncode == 1 and "seed group(s) recipe-z not in the store" in out.stderr and "Traceback" not in out.stderr
+    ok = _cli("report", "--store", str(suite["store"]), "--metrics", "stable_rank", "--seed-bootstrap", "0", "-o", str(tmp_path / "r.html"))
+    assert ok.returncode == 0, ok.stderr
+    titles = re.findall(r"<h2>(.*?)</h2>", (tmp_path / "r.html").read_text())
+    assert "Seed group: recipe-a" in titles and "Seed groups compared with recipe-a" in titles

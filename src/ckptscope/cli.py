@@ -448,13 +448,18 @@ def _names(value: str | None) -> list[str] | None:
 @click.option("--components", help="Comma-separated components, e.g. attn.qkv,mlp.in [default: all].")
 @click.option("--output", "-o", type=click.Path(path_type=Path), default="report.html", show_default=True,
               help="HTML file to write.")
+@click.option("--groups", help="Comma-separated seed groups; the first is compared with each other one "
+                               "[default: the groups of the selected models].")
+@click.option("--seed-bootstrap", type=click.IntRange(min=0), default=200, show_default=True,
+              help="Multi-Bootstrap resamples of the seed groups' bands; 0: none.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the resampling: the same seed draws the same bands.")
 @_friendly
-def report(store, models, metrics, components, output):
+def report(store, models, metrics, components, output, groups, seed_bootstrap, seed):
     """Write a self-contained HTML report of the store (opens offline)."""
     from ckptscope.reports import build_report  # plotting stack loaded only by the commands that draw
 
     path = build_report(store or default_store_path(), output, models=_names(models), metrics=_names(metrics),
-                        components=_names(components))
+                        components=_names(components), groups=_names(groups), seed_bootstrap=seed_bootstrap, seed=seed)
     out.print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)", highlight=False, soft_wrap=True)
 
 
