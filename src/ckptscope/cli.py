@@ -186,7 +186,39 @@ def analyze_group() -> click.Group:
         if f.cls is not None:
             group.add_command(_analyze_command(name, f.cls))
     group.add_command(_profile_command())  # reads the store, not checkpoints: not an analyzer
+    group.add_command(_seeds_command())  # convergence over every pair of a seed group
     return group
+
+
+def _seeds_command() -> click.Command:
+    """`ckptscope analyze seeds GROUP --probe FILE`: the convergence options (less the reference) and the executor's."""
+    from ckptscope.analyzers.convergence import ConvergenceOptions
+    from ckptscope.cli_options import apply, collect, flags
+    from ckptscope.pipeline.executors import ExecutorSpec
+
+    own = [d for d in ConvergenceOptions.declared() if d.name not in ("reference_model", "reference_step")]
+    found = flags({"": own + ExecutorSpec.declared()})
+
+    @click.argument("group")
+    @_store_option
+    @click.option("--force", is_flag=True, help="Recompute pairs and steps already analyzed.")
+    @_friendly
+    @_anomaly_summary
+    def command(group, store, force, **values):
+        """Cross-seed similarity: CKA (cka_seed) and weight distance (seed_relative_distance) over every pair of GROUP's seeds."""
+        from ckptscope.cross_seed import analyze_seeds
+
+        flat, _ = collect(found, values)
+        df = analyze_seeds(group, store=store, force=force, progress=True, **flat)
+        cka = df.filter(pl.col("metric") == "cka_seed").select("step", "layer", "component", "n_pairs", "mean", "std", "min", "max")
+        display.show(out, cka, f"cka_seed across the seed pairs of {group} (view seed_similarity)", max_rows=0)
+        dist = (df.filter(pl.col("metric") == "seed_relative_distance").group_by("step")
+                .agg(pl.len().alias("tensors"), pl.col("mean").mean().alias("mean_over_tensors"),
+                     pl.col("n_pairs").min().alias("n_pairs")).sort("step"))
+        display.show(out, dist, "seed_relative_distance, the pairs' mean averaged over tensors (per tensor: view seed_similarity)",
+                     max_rows=0)
+
+    return click.command(name="seeds")(apply(command, found, required=True))
 
 
 def _profile_command() -> click.Command:
@@ -417,13 +449,18 @@ def _names(value: str | None) -> list[str] | None:
 @click.option("--components", help="Comma-separated components, e.g. attn.qkv,mlp.in [default: all].")
 @click.option("--output", "-o", type=click.Path(path_type=Path), default="report.html", show_default=True,
               help="HTML file to write.")
+@click.option("--groups", help="Comma-separated seed groups; the first is compared with each other one "
+                               "[default: the groups of the selected models].")
+@click.option("--seed-bootstrap", type=click.IntRange(min=0), default=200, show_default=True,
+              help="Multi-Bootstrap resamples of the seed groups' bands; 0: none.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the resampling: the same seed draws the same bands.")
 @_friendly
-def report(store, models, metrics, components, output):
+def report(store, models, metrics, components, output, groups, seed_bootstrap, seed):
     """Write a self-contained HTML report of the store (opens offline)."""
     from ckptscope.reports import build_report  # plotting stack loaded only by the commands that draw
 
     path = build_report(store or default_store_path(), output, models=_names(models), metrics=_names(metrics),
-                        components=_names(components))
+                        components=_names(components), groups=_names(groups), seed_bootstrap=seed_bootstrap, seed=seed)
     out.print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)", highlight=False, soft_wrap=True)
 
 

@@ -6,8 +6,9 @@ An analyzer is one module holding one `Analyzer` subclass that declares, in one 
 * `Options`, a frozen dataclass of `ckptscope.options.option` fields: CLI flags, Python keyword
   arguments, validation and the provenance in `runs.parameters` all derive from it;
 * `references(options)`, the reference checkpoints each step is measured against: any of
-  `"first"`, `"previous"`, `"final"` and explicit step numbers; the executor opens and caches
-  them, whichever executor runs the step;
+  `"first"`, `"previous"`, `"final"`, explicit step numbers and `SameStep(model)` (the same
+  step of another model in the store); the executor opens and caches them, whichever executor
+  runs the step;
 * `tables`, the tables it writes besides `metric_values`/`spectra` (`ckptscope.rows.Table`),
   created by the store on first use;
 * `unit`, what its progress bar counts (tensors, batches, sequences);
@@ -32,6 +33,27 @@ from ckptscope.rows import RunRows, Table
 from ckptscope.sources.checkpoint import Checkpoint
 
 ROLES = ("first", "previous", "final")  # reference roles resolved per step; an int names a step
+
+
+@dataclass(frozen=True)
+class SameStep:
+    """A reference: the checkpoint at the step being analyzed, in another model of the store
+    (another seed of a group, say), for measures between models rather than along training.
+
+    Why the executor, not the analyzer, opens it: the pipeline already owns everything a
+    checkpoint needs besides its path: resolving a stored model to its source (`models.source`,
+    before the store is opened for writing), hub downloads and their eviction, a private
+    download cache per worker process, and releasing what is open when a run ends however it
+    ends. An analyzer opening `SourceSpec(...).open()` itself would duplicate all of that, with
+    no hook to release it. So an analyzer declares `SameStep(model)` like any other reference and
+    reads `ctx.reference(SameStep(model))`: the checkpoint, or None when the other model's
+    source has no such step (the analyzer then records an anomaly and skips the step).
+    """
+
+    model: str
+
+    def __str__(self) -> str:
+        return f"the same step of model {self.model}"
 
 
 class Progress:
@@ -61,7 +83,7 @@ class AnalysisContext:
     checkpoint: Checkpoint
     family: str
     config: dict | None
-    references: dict[str | int, Checkpoint | None] = field(default_factory=dict)
+    references: dict[str | int | SameStep, Checkpoint | None] = field(default_factory=dict)
     device: str = "cpu"
     progress: Progress = field(default_factory=Progress)
     shared: dict[Any, Any] = field(default_factory=dict)  # intermediate results one analyzer leaves for the next, this step
@@ -78,8 +100,8 @@ class AnalysisContext:
     def final(self) -> Checkpoint | None:
         return self.references.get("final")
 
-    def reference(self, key: str | int) -> Checkpoint | None:
-        """The checkpoint of a declared role or step; None when it is this checkpoint (or has none)."""
+    def reference(self, key: str | int | SameStep) -> Checkpoint | None:
+        """The checkpoint of a declared role, step or `SameStep`; None when it is this checkpoint (or has none)."""
         if key not in self.references:
             raise CkptscopeError(f"reference {key} is not open while step {self.checkpoint.step} is analyzed: "
                                  "the analyzer must declare it in references()")
@@ -129,9 +151,17 @@ class Analyzer:
         return cls(cls.Options.build(options))
 
     @classmethod
-    def references(cls, options: Options) -> tuple[str | int, ...]:
-        """Reference roles (`ROLES`) and step numbers this analyzer needs with these options."""
+    def references(cls, options: Options) -> tuple[str | int | SameStep, ...]:
+        """Reference roles (`ROLES`), step numbers and `SameStep`s this analyzer needs with these options."""
         return ()
+
+    @property
+    def run_name(self) -> str:
+        """The `runs.analyzer` of this analyzer's rows: its name, unless some option makes a series
+        of its own that must not replace the default one (`convergence` against another model is
+        `convergence:OTHER`, one series per other model). Steps done, changed parameters and
+        replaced rows are all judged per run name."""
+        return self.name
 
     @classmethod
     def summary(cls) -> str:
@@ -144,7 +174,7 @@ class Analyzer:
 
     def new_rows(self, dtype: str, backend: str, **extra: Any) -> RunRows:
         """An empty result for one step, carrying this analyzer's provenance (plus `extra` parameters)."""
-        return RunRows(self.name, self.version, {**self.parameters(), **extra}, dtype, backend)
+        return RunRows(self.run_name, self.version, {**self.parameters(), **extra}, dtype, backend)
 
     def check(self, config: dict | None) -> None:
         """Check the options against the model (its `config.json`) before the store is opened, e.g.

@@ -11,6 +11,15 @@ Memory is bounded whatever the probe's size: statistics are accumulated in featu
 (`ckptscope.analyzers.cka`); sites are processed in groups whose float64 matrices fit
 `stats_mb`; the reference step's activations are cached across steps only when they fit
 `cache_mb`, otherwise the reference model stays loaded and is re-run batch by batch.
+
+With `reference_model` OTHER (a model of the store, e.g. another seed of a group) the reference
+is OTHER's checkpoint at the same step (a `SameStep` reference, which the executor opens from
+OTHER's stored source): metrics `cka_model` and `cka_model_debiased`, and beside them the
+weight-space distance `model_relative_distance` = ‖W − W_OTHER‖_F / ‖W_OTHER‖_F of every tensor
+both hold (float64 sums, one tensor at a time). These runs are recorded as `convergence:OTHER`
+(`run_name`), one series per other model, so they never replace the `cka_final` series or each
+other; `runs.parameters.reference_model` names OTHER. A step OTHER lacks is skipped with an
+anomaly `reference_step_missing`.
 """
 
 from __future__ import annotations
@@ -24,12 +33,13 @@ import torch
 
 from ckptscope.analyzers.activations import LoadedModel, Site, backend, build_model, capture, load_model, padded_batches, tokenizer_dirs
 from ckptscope.analyzers.cka import Cross, Side, Summary
-from ckptscope.analyzers.contract import AnalysisContext, Analyzer
+from ckptscope.analyzers.contract import AnalysisContext, Analyzer, SameStep
 from ckptscope.analyzers.corpus import Sequences, check_vocab, load_corpus
 from ckptscope.errors import CkptscopeError
 from ckptscope.options import Options, at_least, option
 from ckptscope.rows import RunRows
 from ckptscope.sources.checkpoint import Checkpoint
+from ckptscope.sources.layers import classify, is_buffer
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # (input_ids, attention_mask)
 
@@ -64,6 +74,16 @@ class ConvergenceOptions(Options):
                              help="Cache the reference step's activations when they fit this many MB.")
     stats_mb: float = option(4096, check=at_least(0), affects_results=False,
                              help="Memory for float64 CKA statistics, in MB: sites are processed in groups that fit.")
+    reference_model: str | None = option(None, help="Compare with this other model of the store at the same step (e.g. "
+                                                    "another seed): cka_model, cka_model_debiased, model_relative_distance.")
+
+    def validate(self) -> None:
+        """One reference per run: another model's same step, or a step of this model."""
+        if self.reference_model is not None and _parse_reference(self.reference_step) != "final":
+            raise CkptscopeError("--reference-step and --reference-model exclude each other: with --reference-model each step "
+                                 "is compared with the same step of that model; leave one out")
+        if self.reference_model is not None and not self.reference_model.strip():
+            raise CkptscopeError("--reference-model is empty; give the name of a model in the store")
 
 
 class ConvergenceAnalyzer(Analyzer):
@@ -85,10 +105,17 @@ class ConvergenceAnalyzer(Analyzer):
         self._reference_state: _Reference | None = None
 
     @classmethod
-    def references(cls, options: ConvergenceOptions) -> tuple[str | int, ...]:
+    def references(cls, options: ConvergenceOptions) -> tuple[str | int | SameStep, ...]:
+        if options.reference_model is not None:
+            return (SameStep(options.reference_model),)
         # final too: whether the reference is the final step decides the metric's name
         ref = _parse_reference(options.reference_step)
         return ("final",) if ref == "final" else (ref, "final")
+
+    @property
+    def run_name(self) -> str:
+        other = self.options.reference_model
+        return self.name if other is None else f"{self.name}:{other}"
 
     def check(self, config: dict | None) -> None:
         self.probe.check_vocab(config)
@@ -99,11 +126,18 @@ class ConvergenceAnalyzer(Analyzer):
     # -- per checkpoint ----------------------------------------------------------------------
     def analyze(self, ctx: AnalysisContext) -> RunRows:
         reference, label = self._resolve_reference(ctx)
+        if label == "model" and reference is None:
+            out = self.new_rows("", backend(ctx.device))
+            out.anomalies.append((None, "reference_step_missing", f"model {self.options.reference_model} has no step "
+                                  f"{ctx.checkpoint.step} in its source; cka_model was not computed for this step"))
+            return out
         model = load_model(ctx.checkpoint, ctx.device)
         batches = self._prepare(ctx, model)
         sites = model.sites()
         out = self.new_rows(f"{model.dtype_label}; CKA statistics float64", backend(ctx.device),
                             reference=(reference or ctx.checkpoint).step, positions=self._positions)
+        if label == "model":
+            _distances(ctx, reference, out)
         ctx.progress.start(0 if reference is None else len(batches) * len(self._groups(model, sites, matrices=2)))
         if reference is None:  # this step is the reference: identical representations
             values = {s.module: (1.0, 1.0) for s in sites}
@@ -118,7 +152,9 @@ class ConvergenceAnalyzer(Analyzer):
         return out
 
     def _resolve_reference(self, ctx: AnalysisContext) -> tuple[Checkpoint | None, str]:
-        """The reference checkpoint (None when it is this one) and the metric label."""
+        """The reference checkpoint (None when it is this one, or another model lacks the step) and the metric label."""
+        if self.options.reference_model is not None:
+            return ctx.reference(SameStep(self.options.reference_model)), "model"
         if self.reference_step == "final":
             return ctx.final, "final"
         final_step = ctx.final.step if ctx.final is not None else ctx.checkpoint.step
@@ -156,6 +192,11 @@ class ConvergenceAnalyzer(Analyzer):
             return self._reference_state
         self._reference_state = None
         model = build_model(ckpt, ctx.device)  # not via load_model: it must not evict the current step's model
+        lacking = sorted({s.module for s in sites} - {s.module for s in model.sites()})
+        if lacking:
+            raise CkptscopeError(f"{ckpt.path}: the reference has no module {lacking[0]}; CKA compares the same layers "
+                                 "of models of one architecture")
+        check_vocab(self._seqs, model.vocab_size, self.probe.path)
         itemsize = torch.empty(0, dtype=model.dtype).element_size()
         cached = self._positions * model.module.config.hidden_size * len(sites) * itemsize <= self.cache_mb * 2**20
         acts: list[dict[str, torch.Tensor]] | None = [{} for _ in batches] if cached else None
@@ -188,6 +229,21 @@ class ConvergenceAnalyzer(Analyzer):
                     crosses[name].add(xt, a, yt, bb)
             values.update({name: crosses[name].cka(sides[name].summary(), ref.summaries[name]) for name in sides})
         return values
+
+
+def _distances(ctx: AnalysisContext, other: Checkpoint, out: RunRows) -> None:
+    """`model_relative_distance` = ‖W − W_other‖_F / ‖W_other‖_F of every tensor both checkpoints hold
+    with one shape (like weights' `final_relative_distance`, between models); undefined where W_other is 0."""
+    theirs = other.tensors
+    for name, info in ctx.checkpoint.tensors.items():
+        if is_buffer(name) or name not in theirs or theirs[name].shape != info.shape:
+            continue
+        w, v = ctx.checkpoint.read(name).double(), other.read(name).double()
+        norm = float(torch.linalg.vector_norm(v))
+        if norm > 0:
+            role = classify(name, ctx.family)
+            out.add_metrics(name, role.layer, role.component,
+                            {"model_relative_distance": float(torch.linalg.vector_norm(w - v)) / norm})
 
 
 def _parse_reference(value: str) -> str | int:

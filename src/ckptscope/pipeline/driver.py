@@ -21,7 +21,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from ckptscope.analyzers import registry
-from ckptscope.analyzers.contract import AnalysisContext, Analyzer
+from ckptscope.analyzers.contract import AnalysisContext, Analyzer, SameStep
 from ckptscope.errors import CkptscopeError, SourceError
 from ckptscope.options import Options
 from ckptscope.pipeline.executors import Executor, ExecutorSpec, StepsFailed, describe, is_fatal
@@ -54,7 +54,8 @@ def ingest(source: str | Path | SourceSpec, *, analyzers: Selection = None, exec
     worker is reported after the other steps are written (`StepsFailed`), and rerunning resumes.
     """
     spec, runner, chosen = resolve(source, analyzers, executor, options)
-    return IngestRun(spec, chosen, runner, force=force, progress=progress).run(store)
+    others = counterparts(chosen, store)
+    return IngestRun(spec, chosen, runner, force=force, progress=progress, counterparts=others).run(store)
 
 
 def analyze(model: str, analyzers: Selection, *, store: str | Path | None = None, steps: str | None = None,
@@ -66,15 +67,32 @@ def analyze(model: str, analyzers: Selection, *, store: str | Path | None = None
     """
     path = Path(store) if store is not None else default_store_path()
     with Store(path, read_only=True) as db:
-        row = db.model(model)
-        if row is None:
-            known = db.sql("SELECT model FROM models ORDER BY model")["model"].to_list()
-            raise SourceError(f"model {model!r} is not in {path} (models: {', '.join(known) or 'none'}); ingest it first")
+        source = stored_source(db, model)
         done = db.sql("SELECT step FROM checkpoints WHERE model = ? AND status = 'ok' ORDER BY step", [model])["step"].to_list()
-    source = row["source"].removeprefix("hub:")
-    if "*" in source:  # one repo per step: re-open through the catalog name
-        source = model
     return ingest(source, store=path, name=model, steps=steps or ",".join(map(str, done)), analyzers=analyzers, **options)
+
+
+def stored_source(db: Store, model: str) -> str:
+    """The SOURCE that re-opens a stored model's checkpoints (from `models.source`)."""
+    row = db.model(model)
+    if row is None:
+        known = db.sql("SELECT model FROM models ORDER BY model")["model"].to_list()
+        raise SourceError(f"model {model!r} is not in {db.path} (models: {', '.join(known) or 'none'}); ingest it first")
+    source = row["source"].removeprefix("hub:")
+    return model if "*" in source else source  # one repo per step: re-open through the catalog name
+
+
+def counterparts(analyzers: list[Analyzer], store: Store | str | Path | None) -> dict[SameStep, SourceSpec]:
+    """The source of each other model that analyzers declared as a `SameStep` reference, read from
+    the store (read-only, before anything is written): a model not in the store is a one-line error."""
+    wanted = sorted({r for a in analyzers for r in a.references(a.options) if isinstance(r, SameStep)}, key=lambda r: r.model)
+    if not wanted:
+        return {}
+    path = store.path if isinstance(store, Store) else Path(store) if store is not None else default_store_path()
+    if not path.exists():
+        raise SourceError(f"--reference-model {wanted[0].model}: the store {path} does not exist yet; ingest that model first")
+    with (nullcontext(store) if isinstance(store, Store) else Store(path, read_only=True)) as db:
+        return {ref: SourceSpec.build(source=stored_source(db, ref.model), name=ref.model) for ref in wanted}
 
 
 def resolve(source: str | Path | SourceSpec, analyzers: Selection, executor: ExecutorSpec | str | None,
@@ -149,8 +167,9 @@ class IngestRun:
     """
 
     def __init__(self, spec: SourceSpec, analyzers: list[Analyzer], executor: ExecutorSpec, *, force: bool = False,
-                 progress: bool = False) -> None:
+                 progress: bool = False, counterparts: dict[SameStep, SourceSpec] | None = None) -> None:
         self.spec, self.analyzers, self.executor = spec, analyzers, executor
+        self.counterparts = tuple((counterparts or {}).items())  # SameStep references -> their models' sources
         self.force, self.progress = force, progress
         self.tables = [(a.name, t) for a in analyzers for t in a.tables]
         self.report: list[dict] = []
@@ -223,7 +242,7 @@ class IngestRun:
                         following = p.todo[i + 1] if runner.prefetches and i + 1 < len(p.todo) else None
                         yield StepTask(source_spec, spec, step, tuple(p.available[s] for s in self.all_steps), p.arch,
                                        pinned=tuple(p.available[s] for s in p.pinned), device=self.executor.device,
-                                       threads=runner.threads,
+                                       threads=runner.threads, counterparts=self.counterparts,
                                        prefetch=p.available[following] if following is not None else None)
 
                 self.in_a_row = 0  # failures since the last step that came back
@@ -309,7 +328,7 @@ class IngestRun:
         """Recompute the `final_metrics` rows of steps whose stored final reference is no longer the last step."""
         final = self.all_steps[-1]
         for analyzer in (a for a in self.analyzers if a.final_metrics):
-            runs = self.db.runs_of(self.plan.model, analyzer.name)
+            runs = self.db.runs_of(self.plan.model, analyzer.run_name)
             stale = [s for s in sorted(runs) if runs[s][1].get("final_step") != final and s in self.plan.available]
             if not stale:
                 continue
@@ -320,7 +339,7 @@ class IngestRun:
                 self.plan.adopt(ckpt)  # a re-basing-only run opens nothing else first
                 ctx = AnalysisContext(checkpoint=ckpt, family=self.plan.arch.family, config=self.plan.arch.config,
                                       references={"final": ckpts.get(final) if step != final else None})
-                self.db.replace_metrics(self.plan.model, step, analyzer.name, list(analyzer.final_metrics),
+                self.db.replace_metrics(self.plan.model, step, analyzer.run_name, list(analyzer.final_metrics),
                                         analyzer.refresh_final(ctx), {**runs[step][1], "final_step": final})
                 bar.advance(task)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
-from ckptscope.analyzers.contract import Analyzer
+from ckptscope.analyzers.contract import Analyzer, SameStep
 from ckptscope.errors import CkptscopeError, SourceError
 from ckptscope.pipeline.tasks import Architecture
 from ckptscope.sources.checkpoint import Checkpoint
@@ -60,7 +60,7 @@ class Plan:
         return max(layers) + 1 if layers else None
 
 
-def roles(analyzers: list[Analyzer]) -> set[str | int]:
+def roles(analyzers: list[Analyzer]) -> set[str | int | SameStep]:
     return {r for a in analyzers for r in a.references(a.options)}
 
 
@@ -111,7 +111,7 @@ def reconcile(plan: Plan, store: Store, analyzers: list[Analyzer], *, force: boo
     for a in analyzers:
         _check_parameters(plan, store, a, force=force)
     if not force:
-        done = set.intersection(*(store.steps_done(plan.model, a.name) for a in analyzers))
+        done = set.intersection(*(store.steps_done(plan.model, a.run_name) for a in analyzers))
         plan.todo = [s for s in plan.todo if s not in done]
     stored_ok = set(store.sql("SELECT step FROM checkpoints WHERE model = ? AND status = 'ok'", [plan.model])["step"].to_list())
     every = stored_ok | set(plan.todo)
@@ -127,7 +127,7 @@ def reconcile(plan: Plan, store: Store, analyzers: list[Analyzer], *, force: boo
         final = max(every)
         plan.stale_final = any(p.get("final_step") != final
                                for a in analyzers if a.final_metrics
-                               for s, (_, p) in store.runs_of(plan.model, a.name).items() if s in stored_ok)
+                               for s, (_, p) in store.runs_of(plan.model, a.run_name).items() if s in stored_ok)
 
 
 def _check_tokens(plan: Plan, store: Store, tokens_per_step: int | None, *, force: bool) -> None:
@@ -148,7 +148,7 @@ def _check_parameters(plan: Plan, store: Store, analyzer: Analyzer, *, force: bo
     """Steps whose stored run used other options (or another analyzer version) than this run's."""
     ours = analyzer.options.identity()
     differing: dict[int, str] = {}
-    for step, (version, params) in store.runs_of(plan.model, analyzer.name).items():
+    for step, (version, params) in store.runs_of(plan.model, analyzer.run_name).items():
         if version != analyzer.version:
             differing[step] = f"version {version} (this is {analyzer.version})"
             continue
@@ -162,12 +162,12 @@ def _check_parameters(plan: Plan, store: Store, analyzer: Analyzer, *, force: bo
     listed = ", ".join(map(str, steps[:MAX_LISTED])) + (f" and {len(steps) - MAX_LISTED} more" if len(steps) > MAX_LISTED else "")
     why = differing[steps[0]]
     if not force:
-        raise CkptscopeError(f"analyzer {analyzer.name}: step{'s' * (len(steps) > 1)} {listed} of model {plan.model!r} "
+        raise CkptscopeError(f"analyzer {analyzer.run_name}: step{'s' * (len(steps) > 1)} {listed} of model {plan.model!r} "
                              f"{'were' if len(steps) > 1 else 'was'} computed with {why}; add --force to recompute "
                              "them with this run's options, or ingest into another --name to keep both")
     left = [s for s in steps if s not in plan.todo]
     if left:
-        raise CkptscopeError(f"analyzer {analyzer.name}: --force recomputes only the selected steps, but steps "
+        raise CkptscopeError(f"analyzer {analyzer.run_name}: --force recomputes only the selected steps, but steps "
                              f"{', '.join(map(str, left[:MAX_LISTED]))} were computed with {why} too; select them as well "
                              "(e.g. --steps all) so the model's rows share one set of options")
 

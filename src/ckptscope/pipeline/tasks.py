@@ -1,7 +1,7 @@
 """The unit of work every executor runs: `StepWorker.run(StepTask) -> StepResult`.
 
 A task opens one step and the reference checkpoints its analyzers declare (first, previous,
-final, or numbered steps), checks that they share one architecture and runs the analyzers.
+final, numbered steps, or the same step of another model's source), checks that they share one architecture and runs the analyzers.
 The reference-picking rules live here once, so results are identical whichever executor ran
 the step. A worker keeps its opened source, analyzers and reference checkpoints between steps,
 so the first and final checkpoints are opened (or downloaded) once per process, not per step.
@@ -12,9 +12,10 @@ from __future__ import annotations
 import shutil
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Protocol
 
-from ckptscope.analyzers.contract import ROLES, AnalysisContext, Analyzer, Progress
+from ckptscope.analyzers.contract import ROLES, AnalysisContext, Analyzer, Progress, SameStep
 from ckptscope.analyzers.registry import build
 from ckptscope.errors import MissingRevision, SourceError
 from ckptscope.options import Options
@@ -79,6 +80,47 @@ class Checkpoints:
             self.source.release(self.refs[step])
 
 
+class Counterparts:
+    """The same step of other models' sources (`SameStep` references): each source opened once per
+    process (hub sources with a private download cache, as `SourceSpec.for_worker` makes), and only
+    the current step's checkpoint held, so a sweep over many steps holds one checkpoint per other model."""
+
+    def __init__(self) -> None:
+        self.sources: dict[SourceSpec, tuple[Source, Path | None, dict[int, CheckpointRef]]] = {}
+        self.held: dict[SourceSpec, tuple[int, Checkpoint]] = {}
+
+    def get(self, spec: SourceSpec, step: int) -> Checkpoint | None:
+        """The checkpoint of `step` in `spec`'s source; None when the source has no weights for it."""
+        if spec not in self.sources:
+            src, private = spec.for_worker()
+            self.sources[spec] = (src, private, {ref.step: ref for ref in src.refs()})
+        src, _, refs = self.sources[spec]
+        held = self.held.get(spec)
+        if held is not None and held[0] == step:
+            return held[1]
+        if held is not None:
+            del self.held[spec]
+            src.release(refs[held[0]])
+        if step not in refs:
+            return None
+        try:
+            ckpt = src.open(refs[step])
+        except MissingRevision:
+            return None
+        self.held[spec] = (step, ckpt)
+        return ckpt
+
+    def close(self) -> None:
+        for spec, (step, _) in list(self.held.items()):
+            self.sources[spec][0].release(self.sources[spec][2][step])
+        self.held.clear()
+        for src, private, _ in self.sources.values():
+            src.close()
+            if private is not None:
+                shutil.rmtree(private, ignore_errors=True)
+        self.sources.clear()
+
+
 @dataclass(frozen=True)
 class AnalyzerSpec:
     """The chosen analyzers by name with their built options: all a worker needs to build the same ones."""
@@ -112,6 +154,7 @@ class StepTask:
     device: str = "cpu"
     threads: int | None = None  # torch threads of the worker process; None leaves them
     prefetch: CheckpointRef | None = None  # the step this process analyzes next (in-process runs)
+    counterparts: tuple[tuple[SameStep, SourceSpec], ...] = ()  # SameStep references, resolved by the driver to sources
 
 
 @dataclass
@@ -146,6 +189,7 @@ class StepWorker:
     def __init__(self, source: Source, analyzers: list[Analyzer]) -> None:
         self.source, self.analyzers = source, analyzers
         self.ckpts = Checkpoints(source, {})
+        self.others = Counterparts()
         self.missing: dict[int, tuple[str, str]] = {}  # step -> (revision, why)
         declared = {r for a in analyzers for r in a.references(a.options)}
         self.roles = {r for r in declared if r in ROLES}
@@ -197,6 +241,8 @@ class StepWorker:
             ckpt = pick([task.step])
             if ckpt is None:
                 return result
+            for key, spec in task.counterparts:
+                refs[key] = self.others.get(spec, task.step)
             idx = steps.index(task.step)
             if "previous" in self.roles:
                 refs["previous"] = pick(steps[idx - 1 :: -1] if idx else [])
@@ -225,8 +271,9 @@ class StepWorker:
             result.missing = [(s, *self.missing[s]) for s in (ref.step for ref in task.candidates) if s in self.missing]
 
     def release(self) -> None:
-        """Release every open checkpoint (hub downloads are evicted unless kept)."""
+        """Release every open checkpoint (hub downloads are evicted unless kept) and other models' sources."""
         self.ckpts.keep_only(set())
+        self.others.close()
 
 
 def tensor_rows(ckpt: Checkpoint | None, fam: str) -> dict[str, list]:

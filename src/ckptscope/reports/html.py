@@ -37,6 +37,8 @@ from ckptscope.store.db import Store
 
 ANOMALY_ROWS = 200
 SPECTRUM_STEPS = 5
+SEED_BOOTSTRAP = 200  # Multi-Bootstrap resamples of a report's seed bands: quick, and seeded so the bands reproduce
+SEED_LEVEL = 0.95
 
 
 @dataclass
@@ -90,16 +92,21 @@ class Contents:
 
 
 def build_report(store: Path | str, output: Path | str, *, models: Sequence[str] | None = None,
-                 metrics: Sequence[str] | None = None, components: Sequence[str] | None = None) -> Path:
+                 metrics: Sequence[str] | None = None, components: Sequence[str] | None = None,
+                 groups: Sequence[str] | None = None, seed_bootstrap: int = SEED_BOOTSTRAP, seed: int = 0) -> Path:
     """Write an offline HTML report of `store` to `output` and return its path.
 
     `models`, `metrics` and `components` narrow it down (default: every model, the
-    `DEFAULT_METRICS` present, every component). Unknown names and an empty store raise
-    `CkptscopeError`.
+    `DEFAULT_METRICS` present, every component). `groups` chooses the seed groups shown (default:
+    those with a selected model; the first is compared with each other one); their bands are
+    Multi-Bootstrap intervals of `seed_bootstrap` resamples drawn with `seed`, exactly what
+    `seeds.seed_intervals` returns for them. Unknown names and an empty store raise `CkptscopeError`.
     """
     output = Path(output)
+    if seed_bootstrap < 0 or seed_bootstrap == 1:
+        raise CkptscopeError(f"--seed-bootstrap {seed_bootstrap}: give 0 (no bands) or at least 2 resamples")
     with Store(store, read_only=True) as db:
-        contents = read_contents(db, models, metrics, components)
+        contents = read_contents(db, models, metrics, components, groups=groups, seed_bootstrap=seed_bootstrap, seed=seed)
     contents.store = str(store)  # as the user wrote it: the report's `ckptscope sql --store` hints show it
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(render_page(contents), encoding="utf-8")
@@ -107,9 +114,10 @@ def build_report(store: Path | str, output: Path | str, *, models: Sequence[str]
 
 
 def read_contents(db: Store, models: Sequence[str] | None = None, metrics: Sequence[str] | None = None,
-                  components: Sequence[str] | None = None) -> Contents:
-    """Run every query of a report on an open store (filters as in `build_report`)."""
-    builder = _Builder(db, q.select(db, models, metrics, components))
+                  components: Sequence[str] | None = None, *, groups: Sequence[str] | None = None,
+                  seed_bootstrap: int = SEED_BOOTSTRAP, seed: int = 0) -> Contents:
+    """Run every query of a report on an open store (filters and seed-group options as in `build_report`)."""
+    builder = _Builder(db, q.select(db, models, metrics, components), groups, seed_bootstrap, seed)
     overview = builder.overview()
     return Contents(str(db.path), builder.sel, overview, builder.sections(),
                     datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"))
@@ -144,8 +152,10 @@ def _context(contents: Contents | None, message: str, store: str) -> dict[str, A
 class _Builder:
     """Runs the queries of each section and turns their results into charts."""
 
-    def __init__(self, db: Store, sel: q.Selection) -> None:
+    def __init__(self, db: Store, sel: q.Selection, groups: Sequence[str] | None = None, seed_bootstrap: int = SEED_BOOTSTRAP,
+                 seed: int = 0) -> None:
         self.db, self.sel = db, sel
+        self.groups, self.nboot, self.seed = groups, seed_bootstrap, seed
         self._ids = 0
 
     def _chart(self, title: str, caption: str, sql: list[str], spec: dict[str, Any], **kw: Any) -> Chart:
@@ -176,7 +186,7 @@ class _Builder:
         if q.has_rows(self.db, "memorization_summary", self.sel):
             out.append(self._memorization_section())
         out.append(self._spectra_section())
-        return out + self._analyzer_sections()
+        return out + self._seed_sections() + self._analyzer_sections()
 
     def _analyzer_sections(self) -> list[Section]:
         """Sections that the analyzers which ran on the selected models contribute (`report_sections`)."""
@@ -358,6 +368,161 @@ ORDER BY model, step"""
                            f"Eigenvalue density of the chosen matrix at steps {', '.join(map(str, steps))}; "
                            "dashed: fitted power-law tail.", [hist_sql, fit_sql], spec,
                            choices=[f"{r['tensor']} ({r['component']})" for r in rows], choice_name="matrix", chosen=chosen)
+
+
+    # -- seed groups ---------------------------------------------------------------------------
+    def _seed_sections(self) -> list[Section]:
+        """Per seed group: each metric's mean over seeds with its Multi-Bootstrap band, cross-seed CKA and
+        training phases; then the first group against each other one, with the interval of the difference."""
+        groups = self._seed_groups()
+        out = [self._seed_section(g, n) for g, n in groups.items()]
+        names = list(groups)
+        if len(names) > 1:
+            charts = [c for other in names[1:] for metric in self.sel.metrics if (c := self._seed_diff_chart(names[0], other, metric))]
+            intro = (f"The difference of the seed means, group − {names[0]}, per step, with its Multi-Bootstrap "
+                     f"{SEED_LEVEL:.0%} interval ({self.nboot} resamples of each group's seeds, seed {self.seed}) and the "
+                     "one-sided p-value on hover, as `ckptscope seeds --compare` gives them. An interval that excludes 0 "
+                     "is a difference the seeds do not explain.")
+            out.append(Section("seed-compare", f"Seed groups compared with {names[0]}", intro, charts))
+        return out
+
+    def _seed_groups(self) -> dict[str, int]:
+        """Group -> number of seeds: those asked for, or those with a selected model."""
+        from ckptscope.seeds import has_groups
+
+        if not has_groups(self.db):
+            if self.groups:
+                raise CkptscopeError(f"--groups: the store {self.db.path} records no seed group; record one with "
+                                     "`ckptscope ingest SOURCE --group GROUP --seed K`")
+            return {}
+        known = dict(self.db.sql("SELECT group_name, count(*) FROM models WHERE group_name IS NOT NULL GROUP BY 1 ORDER BY 1").rows())
+        if self.groups:
+            q._refuse_unknown(self.groups, list(known), "seed group(s)")
+            return {g: known[g] for g in self.groups}
+        return {g: n for g, n, *_ in self.db.sql(q.seed_groups_sql(self.sel.models)).rows()}
+
+    def _seed_section(self, group: str, seeds: int) -> Section:
+        charts = [c for metric in self.sel.metrics if (c := self._seed_band_chart(group, seeds, metric))]
+        charts += [c for c in (self._seed_cka_chart(group), self._phases_chart(group)) if c is not None]
+        intro = (f"The {seeds} seeds of group {group} (`models.group_name`), at the steps every seed has. Each metric: the "
+                 f"mean over seeds, its Multi-Bootstrap {SEED_LEVEL:.0%} interval (Sellam et al. 2022: seeds resampled "
+                 f"{self.nboot} times, seed {self.seed}) and each seed as a thin line; then the CKA between seeds "
+                 "(`seed_similarity`, from `ckptscope analyze seeds`) and the training phases (`ckptscope phases`), where stored.")
+        return Section(f"seeds-{group}", f"Seed group: {group}", intro, charts)
+
+    def _seed_band_chart(self, group: str, seeds: int, metric: str) -> Chart | None:
+        from ckptscope.seeds import seed_intervals
+
+        nboot = self.nboot if seeds > 1 else 0
+        try:
+            df = seed_intervals(group, metric, store=self.db, nboot=nboot, seed=self.seed, level=SEED_LEVEL)
+        except CkptscopeError:  # the group lacks this metric: other charts still show
+            return None
+        values_sql = q.seed_values_sql(group, metric)
+        per_seed = self.db.sql(values_sql)
+        if self.sel.components:
+            df, per_seed = (f.filter(pl.col("component").is_in(self.sel.components)) for f in (df, per_seed))
+        if not df.height:
+            return None
+        keys = ["layer", "component", "tensor", "head"]
+        seeds_of = per_seed.partition_by(keys, as_dict=True, maintain_order=True)
+        cells = []
+        for key, g in sorted(df.partition_by(keys, as_dict=True, maintain_order=True).items(), key=lambda kv: _cell_order(kv[0])):
+            g = g.sort("step")
+            lines = [{"seed": seed, "model": model, "steps": part["step"].to_list(), "values": _floats(part["value"])}
+                     for (seed, model), part in seeds_of.get(key, pl.DataFrame(schema=per_seed.schema))
+                     .partition_by("seed", "model", as_dict=True, maintain_order=True).items()]
+            cells.append({"label": _cell_label(*key), "steps": g["step"].to_list(), "tokens": g["tokens"].to_list(),
+                          "mean": _floats(g["mean"]), "std": _floats(g["std"]),
+                          "low": _floats(g["low"]) if "low" in g.columns else None,
+                          "high": _floats(g["high"]) if "high" in g.columns else None, "seeds": lines})
+        spec = {"type": "seedband", "group": group, "metric": metric, "level": SEED_LEVEL, "nboot": nboot, "cells": cells}
+        command = f"ckptscope seeds {group} --metric {metric} --bootstrap {nboot} --seed {self.seed}"
+        caption = (f"{metric}: mean over the {seeds} seeds of {group} (thick), " +
+                   (f"its {SEED_LEVEL:.0%} Multi-Bootstrap band (`{command}`)" if nboot else "no band (one seed, or --seed-bootstrap 0)")
+                   + ", and each seed (thin; hover for its value).")
+        return self._chart(f"{metric} across the seeds of {group}", caption, [values_sql], spec,
+                           choices=[c["label"] for c in cells], choice_name="matrix")
+
+    def _seed_diff_chart(self, group: str, other: str, metric: str) -> Chart | None:
+        """compare − group for each matrix both have, one component at a time (a component with several tensors
+        per layer, such as norms, cannot be matched across groups and is left out)."""
+        from ckptscope.seeds import seed_intervals
+
+        comps = self.db.sql("SELECT DISTINCT component FROM seed_metrics WHERE group_name = ? AND metric = ? ORDER BY 1",
+                            [group, metric])["component"].to_list()
+        frames = []
+        for comp in q.ordered_components([c for c in comps if not self.sel.components or c in self.sel.components]):
+            try:
+                frames.append(seed_intervals(group, metric, store=self.db, component=comp, compare=other, nboot=self.nboot,
+                                             seed=self.seed, level=SEED_LEVEL))
+            except CkptscopeError:
+                continue
+        if not frames:
+            return None
+        keys = ["layer", "component", "tensor", "head"]
+        cells = []
+        for key, g in sorted(pl.concat(frames, how="diagonal_relaxed").partition_by(keys, as_dict=True, maintain_order=True).items(),
+                             key=lambda kv: _cell_order(kv[0])):
+            g = g.sort("step")
+            cells.append({"label": _cell_label(*key), "steps": g["step"].to_list(), "tokens": g["tokens"].to_list(),
+                          "difference": _floats(g["difference"]), "mean": _floats(g["mean"]), "mean_compare": _floats(g["mean_compare"]),
+                          **({k: _floats(g[k]) for k in ("low", "high", "p")} if "low" in g.columns else {})})
+        spec = {"type": "seeddiff", "group": group, "compare": other, "metric": metric, "level": SEED_LEVEL, "cells": cells}
+        command = f"ckptscope seeds {group} --compare {other} --metric {metric} --component C --bootstrap {self.nboot} --seed {self.seed}"
+        return self._chart(f"{metric}: {other} − {group}", f"Difference of the seed means of {metric}, {other} − {group}, "
+                           f"with its Multi-Bootstrap interval (`{command}`).", [q.seed_values_sql(group, metric),
+                                                                              q.seed_values_sql(other, metric)],
+                           spec, choices=[c["label"] for c in cells], choice_name="matrix")
+
+    def _seed_cka_chart(self, group: str) -> Chart | None:
+        if not _relation(self.db, "seed_similarity"):
+            return None
+        sql = q.seed_cka_sql(group)
+        df = self.db.sql(sql)
+        if not df.height:
+            return None
+        comps = q.ordered_components(df["component"].unique().to_list())
+        series = [[{"layer": layer, "steps": g["step"].to_list(), "tokens": g["tokens"].to_list(), "mean": _floats(g["mean"]),
+                    "std": _floats(g["std"]), "n_pairs": g["n_pairs"].to_list()}
+                   for (layer,), g in df.filter(pl.col("component") == comp).sort("layer", "step")
+                   .partition_by("layer", as_dict=True, maintain_order=True).items()] for comp in comps]
+        layers = sorted(df["layer"].drop_nulls().unique().to_list())
+        spec = {"type": "seedcka", "group": group, "components": comps, "layers": layers, "series": series}
+        return self._chart(f"Cross-seed CKA of {group}", "Linear CKA between the seeds' activations at the same step on the "
+                           "probe, averaged over seed pairs (`cka_seed`), one line per layer; hover for its spread.", [sql],
+                           spec, choices=comps, chosen=comps.index("resid") if "resid" in comps else 0)
+
+    def _phases_chart(self, group: str) -> Chart | None:
+        if not _relation(self.db, "training_phases"):
+            return None
+        sql = q.training_phases_sql(group)
+        df = self.db.sql(sql)
+        if not df.height:
+            return None
+        seeds = [{"seed": seed, "model": model, "steps": g["step"].to_list(), "tokens": g["tokens"].to_list(),
+                  "state": g["state"].to_list(), "probability": _floats(g["probability"])}
+                 for (seed, model), g in df.partition_by("seed", "model", as_dict=True, maintain_order=True).items()]
+        spec = {"type": "phases", "group": group, "states": int(df["state"].max()) + 1, "seeds": seeds}
+        return self._chart(f"Training phases of {group}", "The most probable HMM state of each seed's steps (`training_phases`, "
+                           "from `ckptscope phases`), as coloured bands along the step axis; hover for the state's probability.",
+                           [sql], spec)
+
+
+def _relation(db: Store, name: str) -> bool:
+    """Whether a table or view exists (stores made by older versions may lack it)."""
+    return bool(db.sql("SELECT count(*) FROM information_schema.tables WHERE table_name = ?", [name]).item())
+
+
+def _cell_order(key: tuple) -> tuple:
+    """Matrices without a layer first, then by layer, component (q.COMPONENT_ORDER), tensor and head."""
+    layer, component, tensor, head = key
+    rank = q.COMPONENT_ORDER.index(component) if component in q.COMPONENT_ORDER else len(q.COMPONENT_ORDER)
+    return (layer is not None, layer if layer is not None else -1, rank, component, tensor, head if head is not None else -1)
+
+
+def _cell_label(layer: int | None, component: str, tensor: str, head: int | None) -> str:
+    return f"{tensor} ({component})" + (f" head {head}" if head is not None else "")
 
 
 def _pick_tensor(candidates: pl.DataFrame) -> dict[str, Any]:

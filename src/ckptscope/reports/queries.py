@@ -269,3 +269,42 @@ WHERE model = {literal(model)} AND metric IN ('alpha', 'alpha_xmin', 'num_pl_spi
   AND {in_list('step', steps)}{_component_filter(components)}
 GROUP BY tensor, component, step
 ORDER BY tensor, component, step"""
+
+
+# -- seed groups ----------------------------------------------------------------------------
+
+def seed_groups_sql(models: Sequence[str]) -> str:
+    """Seed groups with a member among `models`: their members in seed order."""
+    return f"""SELECT group_name, count(*) AS seeds, list(model ORDER BY seed) AS models, list(seed ORDER BY seed) AS seed_numbers
+FROM models
+WHERE group_name IS NOT NULL AND group_name IN (SELECT group_name FROM models WHERE {in_list('model', models)})
+GROUP BY group_name
+ORDER BY group_name"""
+
+
+def seed_values_sql(group: str, metric: str) -> str:
+    """Each seed's own values of `metric` at the steps every seed of the group has (those of `seed_metrics`)."""
+    return f"""SELECT m.seed, v.model, v.step, v.layer, v.component, v.tensor, v.head, v.value
+FROM metric_values v
+JOIN models m USING (model)
+WHERE m.group_name = {literal(group)} AND v.metric = {literal(metric)}
+  AND v.step IN (SELECT DISTINCT step FROM seed_metrics WHERE group_name = {literal(group)} AND metric = {literal(metric)})
+ORDER BY v.tensor, v.component, v.head NULLS FIRST, m.seed, v.step"""
+
+
+def seed_cka_sql(group: str) -> str:
+    """Cross-seed CKA (the `seed_similarity` view's `cka_seed`) per component and layer over steps."""
+    return f"""SELECT component, layer, step, tokens, n_pairs, mean, std, min, max
+FROM seed_similarity
+WHERE group_name = {literal(group)} AND metric = 'cka_seed'
+ORDER BY component, layer, step"""
+
+
+def training_phases_sql(group: str) -> str:
+    """The HMM state of each seed's steps (`ckptscope phases GROUP`), in seed order."""
+    return f"""SELECT m.seed, p.model, p.step, c.tokens, p.state, p.probability
+FROM training_phases p
+JOIN models m USING (model)
+LEFT JOIN checkpoints c ON c.model = p.model AND c.step = p.step
+WHERE m.group_name = {literal(group)}
+ORDER BY m.seed, p.step"""

@@ -105,6 +105,10 @@ def _training_phases(con: duckdb.DuckDBPyConnection) -> None:
         )""")
 
 
+def _views_only(con: duckdb.DuckDBPyConnection) -> None:
+    """No table changes: the views of views.sql (e.g. `seed_similarity`) are re-created after it, as after any migration."""
+
+
 MIGRATIONS: list[Migration] = [
     ("0001_core_tables", _core_tables),
     ("0002_spectrum_tier", _spectrum_tier),
@@ -115,6 +119,7 @@ MIGRATIONS: list[Migration] = [
     ("0007_step_paths", _step_paths),
     ("0008_seed_groups", _seed_groups),
     ("0009_training_phases", _training_phases),
+    ("0010_seed_similarity_view", _views_only),
 ]
 LEGACY = {"1": 1, "2": 2}  # meta.schema_version of stores without a migrations table -> migrations they hold
 

@@ -50,3 +50,30 @@ FROM metric_values v
 JOIN members m USING (model)
 JOIN common c ON c.group_name = m.group_name AND c.step = v.step
 GROUP BY m.group_name, v.step, v.layer, v.component, v.tensor, v.metric, v.head;
+
+-- Across the seed pairs of a group: `convergence --reference-model` rows (cka_model,
+-- cka_model_debiased, model_relative_distance) of a model against another seed of its group,
+-- averaged over the pairs, as metrics cka_seed, cka_seed_debiased and seed_relative_distance.
+-- Each unordered pair counts once (run both ways, the lower seed's run against the higher is
+-- kept); n_pairs says how many pairs a row averages, of n_seeds·(n_seeds−1)/2.
+CREATE OR REPLACE VIEW seed_similarity AS
+WITH pairs AS (
+    SELECT a.group_name, v.step, v.layer, v.component, v.tensor, v.value,
+           CASE v.metric WHEN 'cka_model' THEN 'cka_seed' WHEN 'cka_model_debiased' THEN 'cka_seed_debiased'
+                         ELSE 'seed_relative_distance' END AS metric
+    FROM metric_values v
+    JOIN runs r USING (run_id)
+    JOIN models a ON a.model = v.model
+    JOIN models b ON b.model = r.parameters->>'reference_model'
+    WHERE v.metric IN ('cka_model', 'cka_model_debiased', 'model_relative_distance')
+      AND a.group_name IS NOT NULL AND a.group_name = b.group_name AND a.seed <> b.seed
+    QUALIFY row_number() OVER (PARTITION BY a.group_name, least(a.seed, b.seed), greatest(a.seed, b.seed), v.step, v.tensor,
+                                            v.component, v.metric ORDER BY a.seed < b.seed DESC) = 1
+)
+SELECT p.group_name, p.step, any_value(c.tokens) AS tokens, p.layer, p.component, p.tensor, p.metric,
+       count(*) AS n_pairs, avg(p.value) AS mean, stddev_samp(p.value) AS std, min(p.value) AS min, max(p.value) AS max
+FROM pairs p
+LEFT JOIN (SELECT m.group_name, c.step, CASE WHEN count(c.tokens) = count(*) AND min(c.tokens) = max(c.tokens) THEN min(c.tokens) END AS tokens
+           FROM checkpoints c JOIN models m USING (model) WHERE m.group_name IS NOT NULL AND c.status = 'ok'
+           GROUP BY m.group_name, c.step) c ON c.group_name = p.group_name AND c.step = p.step
+GROUP BY p.group_name, p.step, p.layer, p.component, p.tensor, p.metric;

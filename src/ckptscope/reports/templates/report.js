@@ -277,8 +277,104 @@
     }));
   }
 
+  // -- seed groups ---------------------------------------------------------------------------------
+  const BAND = "rgba(31, 119, 180, 0.18)";
+  const pctLevel = (level) => `${Math.round(100 * level)}%`;
+
+  // An interval as two traces: its lower edge (invisible) and its upper edge filled down to it.
+  function band(x, low, high, name) {
+    const edge = {type: "scatter", mode: "lines", x, line: {width: 0, color: BAND}, hoverinfo: "skip", showlegend: false};
+    return [{...edge, y: low}, {...edge, y: high, fill: "tonexty", fillcolor: BAND, name, showlegend: true}];
+  }
+
+  // A group's metric: band of the mean over seeds, each seed as a thin line, the mean as a thick one; one matrix at a time.
+  function drawSeedBand(chart) {
+    withChoice(chart, (c) => {
+      const cell = chart.cells[c];
+      const x = cell.steps.map(logStep);
+      const traces = cell.low ? band(x, cell.low, cell.high, `${pctLevel(chart.level)} interval (${chart.nboot} resamples)`) : [];
+      cell.seeds.forEach((s, i) => traces.push({
+        type: "scatter", mode: "lines", x: s.steps.map(logStep), y: s.values, name: esc(`seed ${s.seed}`),
+        legendgroup: "seeds", showlegend: i === 0, line: {color: "rgba(90, 90, 90, 0.45)", width: 0.8},
+        customdata: s.steps.map((st) => int(st)), hovertemplate: `seed ${esc(s.seed)} (${esc(s.model)})<br>step: %{customdata}` +
+          `<br>${esc(chart.metric)}: %{y:.4g}<extra></extra>`,
+      }));
+      const custom = cell.steps.map((st, i) => [int(st), int(cell.tokens[i]), cell.low ? `${cell.low[i]?.toPrecision(4)} – ${cell.high[i]?.toPrecision(4)}` : "n/a",
+        cell.std[i] === null ? "n/a" : cell.std[i].toPrecision(4)]);
+      traces.push({
+        type: "scatter", mode: lineMode(x.length), x, y: cell.mean, customdata: custom, name: "mean over seeds",
+        line: {color: color(0), width: 2.5}, marker: {size: 5},
+        hovertemplate: `group: ${esc(chart.group)}<br>${esc(cell.label)}<br>step: %{customdata[0]}<br>tokens: %{customdata[1]}` +
+          `<br>mean ${esc(chart.metric)}: %{y:.4g}<br>${pctLevel(chart.level)} interval: %{customdata[2]}<br>std over seeds: %{customdata[3]}<extra></extra>`,
+      });
+      react(plotDiv(chart, 0), traces, baseLayout({xaxis: stepAxis(cell.steps), yaxis: {title: {text: esc(chart.metric)}}}));
+    });
+  }
+
+  // compare − group per step with the interval of the difference, and the line of no difference.
+  function drawSeedDiff(chart) {
+    withChoice(chart, (c) => {
+      const cell = chart.cells[c];
+      const x = cell.steps.map(logStep);
+      const traces = cell.low ? band(x, cell.low, cell.high, `${pctLevel(chart.level)} interval`) : [];
+      const custom = cell.steps.map((st, i) => [int(st), int(cell.tokens[i]), cell.mean[i]?.toPrecision(4), cell.mean_compare[i]?.toPrecision(4),
+        cell.low ? `${cell.low[i]?.toPrecision(4)} – ${cell.high[i]?.toPrecision(4)}` : "n/a", cell.p ? cell.p[i]?.toPrecision(3) : "n/a"]);
+      traces.push({
+        type: "scatter", mode: lineMode(x.length), x, y: cell.difference, customdata: custom, name: esc(`${chart.compare} − ${chart.group}`),
+        line: {color: color(3), width: 2.5}, marker: {size: 5},
+        hovertemplate: `${esc(cell.label)}<br>step: %{customdata[0]}<br>tokens: %{customdata[1]}<br>${esc(chart.group)}: %{customdata[2]}` +
+          `<br>${esc(chart.compare)}: %{customdata[3]}<br>difference: %{y:.4g}<br>interval: %{customdata[4]}<br>p: %{customdata[5]}<extra></extra>`,
+      });
+      react(plotDiv(chart, 0), traces, baseLayout({
+        xaxis: stepAxis(cell.steps), yaxis: {title: {text: esc(`Δ ${chart.metric}`)}, zeroline: true, zerolinewidth: 2},
+      }));
+    });
+  }
+
+  // cka_seed per layer over steps, one component at a time.
+  function drawSeedCka(chart) {
+    const L = chart.layers.length;
+    withChoice(chart, (c) => {
+      const traces = chart.series[c].map((s) => ({
+        type: "scatter", mode: lineMode(s.steps.length), x: s.steps.map(logStep), y: s.mean, name: `layer ${s.layer}`,
+        line: {color: depthColor(L > 1 ? chart.layers.indexOf(s.layer) / (L - 1) : 0), width: 1.8}, marker: {size: 4},
+        customdata: s.steps.map((st, i) => [int(st), int(s.tokens[i]), s.std[i] === null ? "n/a" : s.std[i].toPrecision(3), s.n_pairs[i]]),
+        hovertemplate: `group: ${esc(chart.group)}<br>component: ${esc(chart.components[c])}<br>layer: ${s.layer}<br>step: %{customdata[0]}` +
+          "<br>tokens: %{customdata[1]}<br>cka_seed: %{y:.4g}<br>std over pairs: %{customdata[2]} (%{customdata[3]} pairs)<extra></extra>",
+      }));
+      react(plotDiv(chart, 0), traces, baseLayout({
+        xaxis: stepAxis(chart.series[c].flatMap((s) => s.steps)), yaxis: {title: {text: "cka_seed"}},
+        legend: {title: {text: "layer"}, font: {size: 11}},
+      }));
+    });
+  }
+
+  // One band per seed along the step axis, coloured by its HMM state; a state spans from halfway to the previous step to halfway to the next.
+  function drawPhases(chart) {
+    const steps = [...new Set(chart.seeds.flatMap((s) => s.steps))].sort((a, b) => a - b);
+    const S = chart.states;
+    const scale = [];
+    for (let k = 0; k < S; k++) scale.push([k / S, color(k)], [(k + 1) / S, color(k)]);
+    const rows = chart.seeds.map((s) => steps.map((st) => s.state[s.steps.indexOf(st)] ?? null));
+    const custom = chart.seeds.map((s) => steps.map((st) => {
+      const i = s.steps.indexOf(st);
+      return i < 0 ? ["", "", ""] : [int(st), int(s.tokens[i]), s.probability[i] === null ? "n/a" : s.probability[i].toFixed(3)];
+    }));
+    const labels = chart.seeds.map((s) => esc(`seed ${s.seed} (${s.model})`));
+    const heat = {
+      type: "heatmap", x: steps.map(logStep), y: labels, z: rows, customdata: custom, zmin: -0.5, zmax: S - 0.5, colorscale: scale,
+      hoverongaps: false, xgap: 0, ygap: 4,
+      colorbar: {title: {text: "state", side: "right"}, tickvals: [...Array(S).keys()], thickness: 12},
+      hovertemplate: "%{y}<br>step: %{customdata[0]}<br>tokens: %{customdata[1]}<br>state: %{z}<br>probability: %{customdata[2]}<extra></extra>",
+    };
+    react(plotDiv(chart, 0), [heat], baseLayout({
+      height: 120 + 40 * chart.seeds.length, xaxis: stepAxis(steps), yaxis: {type: "category", automargin: true},
+    }));
+  }
+
   const DRAW = {layers: drawLayers, compare: drawCompare, checkpoints: drawCheckpoints, stabilization: drawStabilization,
-    memorization: drawMemorization, spectrum: drawSpectrum, tensors: drawTensors, lines: drawLines, training: drawTraining};
+    memorization: drawMemorization, spectrum: drawSpectrum, tensors: drawTensors, lines: drawLines, training: drawTraining,
+    seedband: drawSeedBand, seeddiff: drawSeedDiff, seedcka: drawSeedCka, phases: drawPhases};
 
   // Printing lays the page out at paper width, but each chart was drawn at the window's width: before
   // printing, narrower charts are redrawn to fit the paper (synchronously), and after it, to fit the window.
