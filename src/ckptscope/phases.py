@@ -104,6 +104,9 @@ def fit_phases(target: str, *, store: str | Path | None = None, metrics: tuple[s
                 best = (score, hmm)
         if best is not None:
             candidates.append((best[1].bic(x, lengths), n, best[1]))
+    if not candidates:
+        raise CkptscopeError(f"{len(x)} steps of {len(metrics)} metrics are too few to fit even one state "
+                             f"({free_parameters(1, x.shape[1])} parameters); ingest more steps or pass fewer --metrics")
     bic, n, hmm = min(candidates, key=lambda c: (c[0], c[1]))
     out = []
     start = 0
