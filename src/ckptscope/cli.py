@@ -366,14 +366,57 @@ def demo(store):
 
     with Store(store) as db:
         ingest(suite, store=db, name="demo-neox", tokens_per_step=_demo_tokens_per_step(suite), progress=True)
+    where = shlex.quote(str(store))
     with Store(store, read_only=True) as db:
         for title, query in DEMO_QUERIES:  # each command on one line, quoted for bash, to be copied as it is
             out.print()
             display.line(out, title, "bold")
             display.line(out, f"$ {demo_command(where, query)}", "dim")
             display.show(out, db.sql(query))
+    _demo_profile(suite, store)
     out.print()
     display.line(out, f"store: {store}   try: ckptscope ls --store {where}")
+
+
+DEMO_PROFILE_QUERY = ("SELECT kind, event_time, at_step, round(att, 4) AS att, round(ci_low, 4) AS ci_low, "
+                      "round(ci_high, 4) AS ci_high, n_cohorts, n_treated FROM memorization_profile_summary "
+                      "WHERE model = 'demo-neox' ORDER BY kind, event_time")
+
+
+def _demo_profile(suite: Path, store: Path) -> None:
+    """The memorisation-profile path on the demo's own data order, each step printed as the command that does it.
+
+    The demo runs each step in this process (no second start of torch) and prints the equivalent
+    command line; run in the store's directory, the commands give the same rows.
+    """
+    from ckptscope.data_order import corpus_from_data
+    from ckptscope.pipeline import analyze
+    from ckptscope.profile_run import describe, profile
+
+    order = json.loads((suite / "suite.json").read_text())["data_order"]
+    corpus = Path(store).with_name(Path(store).stem + "-corpus.parquet")
+    data, held = suite / order["train"], suite / order["heldout"]
+    pick = order["profile"]
+    where, rel = shlex.quote(str(store)), shlex.quote(str(corpus))
+    out.print()
+    display.line(out, "Memorisation profile: the training data order as a corpus (sequences first seen at odd steps, "
+                 "trained on once, plus never-trained held-out sequences), their surprisal at every checkpoint, and "
+                 "the difference-in-differences ATT of training on them", "bold")
+    display.line(out, f"$ ckptscope corpus from-data {shlex.quote(str(data))} -o {rel} --batch-size {order['batch_size']} "
+                 f"--seq-len {order['seq_len']} --steps {pick['steps']} --per-step {pick['per_step']} --seed 0 "
+                 f"--heldout {shlex.quote(str(held))} --heldout-count {pick['heldout_count']}", "dim")
+    df = corpus_from_data(data, corpus, batch_size=order["batch_size"], seq_len=order["seq_len"], steps=pick["steps"],
+                          per_step=pick["per_step"], seed=0, heldout=held, heldout_count=pick["heldout_count"])
+    display.line(out, f"wrote {df.height} sequences to {corpus}")
+    display.line(out, f"$ ckptscope analyze sequence_stats demo-neox --store {where} --corpus {rel} "
+                 f"--steps {pick['checkpoints']} --batch-size {pick['batch_size']}", "dim")
+    _summarize(analyze("demo-neox", "sequence_stats", store=store, steps=pick["checkpoints"], corpus=corpus,
+                       batch_size=pick["batch_size"], progress=True), verb="analyzed")
+    display.line(out, f"$ ckptscope analyze profile demo-neox --store {where}", "dim")
+    display.line(out, describe(profile("demo-neox", store=store)))
+    display.line(out, f"$ {demo_command(where, DEMO_PROFILE_QUERY)}", "dim")
+    with Store(store, read_only=True) as db:
+        display.show(out, db.sql(DEMO_PROFILE_QUERY))
 
 
 def demo_command(store: str, query: str) -> str:
