@@ -272,7 +272,7 @@
       int(chart.n_control[i][j]), int(chart.tokens[i][j])]));
     const heat = {
       type: "heatmap", x: chart.steps.map(String), y: chart.cohorts.map(String), z: chart.att, customdata: custom,
-      colorscale: DIVERGING, zmid: 0, zmin: -span, zmax: span, hoverongaps: false, xgap: 1, ygap: 1,
+      colorscale: DIVERGING, zmin: -span, zmax: span, hoverongaps: false, xgap: 1, ygap: 1,
       colorbar: {title: {text: `ATT (${esc(chart.outcome)})`, side: "right"}, thickness: 12},
       hovertemplate: `${profileName(chart)}<br>cohort g: %{customdata[0]}<br>checkpoint t: %{customdata[1]}` +
         "<br>tokens: %{customdata[7]}<br>event time t − g: %{customdata[2]}<br>ATT: %{z:.4g}" +
