@@ -25,18 +25,23 @@ How
    ``tokenizer.json`` + ``tokenizer_config.json`` (loadable by
    ``transformers.AutoTokenizer``).
 3. Cut the token stream into 64-token blocks: 32 evenly spaced ones are the
-   CKA probes (``probe.jsonl``), NUM_HELDOUT randomly chosen others the
-   never-trained held-out set (``data/heldout.{bin,idx}``); train windows
-   (any start) never overlap either.  Draw 8 random 64-token canaries
-   (``canaries.jsonl``).
+   CKA probes (``probe.jsonl``); one random draw from the others gives
+   NUM_HELDOUT never-trained held-out blocks (``data/heldout.{bin,idx}``)
+   and the once-seen blocks.  Background windows (any start) never overlap
+   any of these.  Draw 8 random 64-token canaries (``canaries.jsonl``).
 4. Write the whole data order first, as the MMapIndexedDataset
    ``data/train.{bin,idx}`` (``ckptscope.data_order.write_indexed_dataset``):
    2000 batches of BATCH_SIZE 64-token sequences; the batch of update k
    (checkpoint k-1 -> k) is items [(k-1)·B, k·B), so item i has
-   first_seen_step ⌊i/B⌋ + 1.  A batch is B random text windows, except that
-   the batches of even steps carry one canary (cycling through the 8) in
-   their last slot: sequences of odd steps are each trained on exactly once,
-   which is what the demo's profile samples (``--steps 751:1999:2``).
+   first_seen_step ⌊i/B⌋ + 1.  The batches of steps 1007, 1015, ..., 1999
+   (ONCE_STEPS) hold B once-seen blocks: text that no other training
+   sequence contains, trained on exactly once.  Every other batch is B - 1
+   background windows (text seen many times over) plus one canary (cycling
+   through the 8).  The demo profiles the once-seen sequences against the
+   held-out ones (``corpus from-data --steps 1007:1999:8``): both are one
+   random draw of blocks, so they move alike until the once-seen ones are
+   trained on (parallel trends), and the profile shows a clear drop in
+   surprisal at the checkpoint after training that decays afterwards.
 5. Train ``GPTNeoXForCausalLM`` (hidden 32, 4 layers, 4 heads, MLP 128,
    rotary_pct 0.25, parallel residual, untied head) in float32 with AdamW,
    linear warmup + cosine decay, for 2000 steps, reading each batch back
@@ -335,7 +340,7 @@ def main() -> None:
         "data_order": {"train": f"{DATA_DIR}/train", "heldout": f"{DATA_DIR}/heldout", "batch_size": BATCH_SIZE,
                        "seq_len": SEQ_LEN, "train_sequences": len(data), "heldout_sequences": NUM_HELDOUT,
                        # what `ckptscope demo` profiles: the once-seen batches, held-out controls, checkpoints ONCE_FROM..
-                       "profile": {"steps": f"{ONCE_STEPS[0]}:{ONCE_STEPS[-1]}:{ONCE_EVERY}", "per_step": BATCH_SIZE,
+                       "profile": {"steps": f"{ONCE_STEPS[0]}:{ONCE_STEPS[-1]}:{ONCE_EVERY}", "per_step": BATCH_SIZE // 2,
                                    "heldout_count": NUM_HELDOUT, "checkpoints": f"{ONCE_FROM}:{TRAIN_STEPS}", "batch_size": 64}},
         "seed": SEED,
         "train_loss": {str(s): round(r["train_loss"], 4) for s, r in results.items()},

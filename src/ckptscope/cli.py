@@ -397,18 +397,18 @@ def _demo_profile(suite: Path, store: Path) -> None:
     corpus = Path(store).with_name(Path(store).stem + "-corpus.parquet")
     data, held = suite / order["train"], suite / order["heldout"]
     pick = order["profile"]
-    where, rel = shlex.quote(str(store)), shlex.quote(str(corpus))
+    where, quoted = shlex.quote(str(store)), shlex.quote(str(corpus))
     out.print()
-    display.line(out, "Memorisation profile: the training data order as a corpus (sequences first seen at odd steps, "
-                 "trained on once, plus never-trained held-out sequences), their surprisal at every checkpoint, and "
-                 "the difference-in-differences ATT of training on them", "bold")
-    display.line(out, f"$ ckptscope corpus from-data {shlex.quote(str(data))} -o {rel} --batch-size {order['batch_size']} "
+    display.line(out, "Memorisation profile: sequences the demo run trained on exactly once, read from its data order, "
+                 f"and never-trained held-out ones; their surprisal at checkpoints {pick['checkpoints']}; the "
+                 "difference-in-differences effect (ATT) of training on them: negative = surprisal fell", "bold")
+    display.line(out, f"$ ckptscope corpus from-data {shlex.quote(str(data))} -o {quoted} --batch-size {order['batch_size']} "
                  f"--seq-len {order['seq_len']} --steps {pick['steps']} --per-step {pick['per_step']} --seed 0 "
                  f"--heldout {shlex.quote(str(held))} --heldout-count {pick['heldout_count']}", "dim")
     df = corpus_from_data(data, corpus, batch_size=order["batch_size"], seq_len=order["seq_len"], steps=pick["steps"],
                           per_step=pick["per_step"], seed=0, heldout=held, heldout_count=pick["heldout_count"])
-    display.line(out, f"wrote {df.height} sequences to {corpus}")
-    display.line(out, f"$ ckptscope analyze sequence_stats demo-neox --store {where} --corpus {rel} "
+    display.line(out, _corpus_written(df, corpus))
+    display.line(out, f"$ ckptscope analyze sequence_stats demo-neox --store {where} --corpus {quoted} "
                  f"--steps {pick['checkpoints']} --batch-size {pick['batch_size']}", "dim")
     _summarize(analyze("demo-neox", "sequence_stats", store=store, steps=pick["checkpoints"], corpus=corpus,
                        batch_size=pick["batch_size"], progress=True), verb="analyzed")
@@ -499,9 +499,14 @@ def corpus_from_data(prefix, output, batch_size, seq_len, steps, per_step, seed,
 
     df = build(prefix, output, batch_size=batch_size, seq_len=seq_len, steps=steps, per_step=per_step, seed=seed,
                heldout=heldout, heldout_count=heldout_count)
+    display.line(out, _corpus_written(df, output))
+
+
+def _corpus_written(df: pl.DataFrame, output: Path) -> str:
+    """What `corpus from-data` (and the demo, for the same command) says it wrote."""
     train = df.filter(pl.col("split") == "train")
-    out.print(f"wrote {df.height} sequences to {output}: {train.height} train from {train['first_seen_step'].n_unique()} "
-              f"step(s), {df.height - train.height} held out", highlight=False, soft_wrap=True)
+    return (f"wrote {df.height} sequences to {output}: {train.height} train from {train['first_seen_step'].n_unique()} "
+            f"step(s), {df.height - train.height} held out")
 
 
 if __name__ == "__main__":
