@@ -65,7 +65,8 @@ class Corpus:
         vocab = (config or {}).get("vocab_size")
         if isinstance(vocab, int):
             rows = [i for i, row in enumerate(self.rows) if not isinstance(row, str)]
-            check_vocab(Sequences([self.ids[i] for i in rows], [self.rows[i] for i in rows], [None] * len(rows)), vocab, self.path)
+            check_vocab(Sequences([self.ids[i] for i in rows], [self.rows[i] for i in rows], [None] * len(rows), [None] * len(rows)),
+                        vocab, self.path)
 
     def sequences(self, tokenizer_dirs: list[Path]) -> Sequences:
         """Token ids of every row; text is tokenized with the first tokenizer found in `tokenizer_dirs`."""
