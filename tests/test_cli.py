@@ -243,6 +243,24 @@ def test_demo_ingests_embedded_suite_and_answers_queries(tmp_path):
         assert ck["tokens"].to_list() == [s * suite["tokens_per_step"] for s in suite["steps"]]
         assert db.anomalies().height == 0
         assert db.sql("SELECT count(DISTINCT layer) FROM metrics WHERE component = 'attn.q'").item() == 4
+        # the memorisation profile of the suite's once-seen sequences against its held-out ones
+        inst = db.sql("SELECT att, ci_low, ci_high, n_cohorts FROM memorization_profile_summary "
+                      "WHERE model = 'demo-neox' AND kind = 'instantaneous'").row(0, named=True)
+        persistent = db.sql("SELECT event_time, att FROM memorization_profile_summary WHERE model = 'demo-neox' "
+                            "AND kind = 'persistent' ORDER BY event_time").rows()
+        placebo = db.sql("SELECT avg(att) FROM memorization_profile WHERE model = 'demo-neox' AND event_time < 0").item()
+        first_seen = db.sql("SELECT min(first_seen_step), max(first_seen_step), count(DISTINCT sequence_id) "
+                            "FROM sequence_stats WHERE split = 'train'").row(0)
+    order = suite["data_order"]
+    lo, hi, every = map(int, order["profile"]["steps"].split(":"))
+    assert first_seen[:2] == (lo, hi) and first_seen[2] == order["profile"]["per_step"] * len(range(lo, hi + 1, every))
+    # planted: training on a sequence lowers its surprisal at the next checkpoint, the effect decays, and
+    # before training the cohorts move like the held-out sequences
+    assert inst["ci_high"] < 0 and inst["n_cohorts"] == 4
+    assert persistent[0][1] == inst["att"] and persistent[1][1] > inst["att"]
+    assert abs(placebo) < abs(inst["att"]) / 4
+    printed = next(line for line in res.output.splitlines() if "instantaneous ATT" in line)
+    assert f"instantaneous ATT {inst['att']:.4g} (95% interval {inst['ci_low']:.4g} to {inst['ci_high']:.4g}, 4 cohorts)" in printed
     assert invoke("demo", "--store", store).exit_code == 0  # a rerun resumes: nothing recomputed, same answers
 
     suite_dir = Path(ckptscope.__file__).parent / "demo_suite"

@@ -5,6 +5,7 @@ one line on stderr with exit status 1."""
 
 from __future__ import annotations
 
+import json
 import struct
 from pathlib import Path
 
@@ -144,3 +145,48 @@ def test_bad_input_is_one_line_and_writes_nothing(planted, tmp_path):
         assert res.exit_code == 1 and len(lines) == 1 and lines[0].startswith("error:"), (name, res.output)
         assert fragment in lines[0], (name, lines[0])
         assert not out.exists() and not list(tmp_path.glob("*.partial")), name
+
+
+@pytest.mark.parametrize("dtype,top", [(None, 65_499), (None, 65_500), (np.uint8, 255), (np.int64, 2**40)])
+def test_write_indexed_dataset_matches_the_documented_layout(tmp_path, dtype, top):
+    """ckptscope's writer (used by scripts/make_demo_suite.py) gives the same bytes as this file's own
+    writer, picks uint16 below 65,500 and int32 from there (gpt-neox's rule), and reads back."""
+    from ckptscope.data_order import DataOrderError, IndexedDataset, write_indexed_dataset
+
+    rng = np.random.default_rng(5)
+    items = [rng.integers(0, top + 1, n) for n in (5, 1, 9, 3)]
+    items[0][0] = top
+    expected = np.dtype(dtype) if dtype is not None else np.dtype(np.uint16 if top < 65_500 else np.int32)
+    write_indexed_dataset(tmp_path / "ours", items, dtype)
+    write_dataset(tmp_path / "ref", items, expected)
+    for suffix in (".bin", ".idx"):
+        assert (tmp_path / f"ours{suffix}").read_bytes() == (tmp_path / f"ref{suffix}").read_bytes()
+    data = IndexedDataset.open(tmp_path / "ours")
+    assert data.dtype == expected and data.sizes.tolist() == [5, 1, 9, 3]
+    assert data.read(np.array([2]), 9)[0].tolist() == items[2].tolist()
+    with pytest.raises(DataOrderError, match="do not fit uint8"):
+        write_indexed_dataset(tmp_path / "bad", [np.array([0, 256])], np.uint8)
+
+
+def test_demo_suite_ships_the_order_it_trained_in():
+    """The embedded suite's data order as documented in docs/demo.md: batch k of 8 is items [8(k-1), 8k);
+    once-seen batches hold sequences found nowhere else in the order, every other batch ends with canary
+    k mod 8, and no held-out sequence was trained on."""
+    import ckptscope
+    from ckptscope.data_order import IndexedDataset
+
+    suite = Path(ckptscope.__file__).parent / "demo_suite"
+    meta = json.loads((suite / "suite.json").read_text())["data_order"]
+    b, length = meta["batch_size"], meta["seq_len"]
+    data, held = IndexedDataset.open(suite / meta["train"]), IndexedDataset.open(suite / meta["heldout"])
+    assert len(data) == meta["train_sequences"] == 2000 * b and len(held) == meta["heldout_sequences"]
+    order = data.read(np.arange(len(data)), length).reshape(-1, b, length)
+    canaries = [json.loads(line)["tokens"] for line in (suite / "canaries.jsonl").read_text().splitlines()]
+    lo, hi, every = map(int, meta["profile"]["steps"].split(":"))
+    once = set(range(lo, hi + 1, every))
+    rows = lambda steps: [tuple(r) for s in steps for r in order[s - 1].tolist()]  # noqa: E731
+    for step in set(range(1, len(order) + 1)) - once:
+        assert order[step - 1, -1].tolist() == canaries[step % len(canaries)]
+    once_rows, other_rows = rows(sorted(once)), set(rows(set(range(1, len(order) + 1)) - once))
+    assert len(set(once_rows)) == len(once_rows) == len(once) * b and not set(once_rows) & other_rows
+    assert not {tuple(r) for r in held.read(np.arange(len(held)), length).tolist()} & (other_rows | set(once_rows))

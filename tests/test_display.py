@@ -172,30 +172,51 @@ def printed_commands(text: str) -> list[str]:
 def test_demo_commands_run_through_bash_as_printed(demo, tmp_path):
     cwd, store, proc = demo
     commands = printed_commands(proc.stdout)
-    assert len(commands) == 4 and all(c.startswith("ckptscope sql --store ckptscope-demo.duckdb ") for c in commands)
+    sql = [c for c in commands if c.startswith("ckptscope sql ")]
+    assert len(sql) == 5 and all(c.startswith("ckptscope sql --store ckptscope-demo.duckdb ") for c in sql)
+    # the memorisation-profile path, in order, on the suite's data order and into the same store
+    pipeline = [c for c in commands if c not in sql]
+    assert [c.split()[1:3] for c in pipeline] == [["corpus", "from-data"], ["analyze", "sequence_stats"], ["analyze", "profile"]]
+    assert all("--store ckptscope-demo.duckdb" in c for c in pipeline[1:]) and "-o ckptscope-demo-corpus.parquet" in pipeline[0]
     assert "Gradual rank increase" not in proc.stdout
     lines = proc.stdout.splitlines()
-    for command in commands:  # one line each even at 80 columns, the table right below it
+    for command in sql:  # one line each even at 80 columns, the table right below it
         assert lines[lines.index(f"$ {command}") + 1].startswith("┏")
-    printed_tables = [table_rows(block) for block in proc.stdout.split("\n$ ")[1:]]
+    printed_tables = [table_rows(block) for block in proc.stdout.split("\n$ ")[1:] if block.startswith("ckptscope sql ")]
     assert f"try: ckptscope ls --store ckptscope-demo.duckdb" in proc.stdout
+    env = {**os.environ, "COLUMNS": "80"}
+
+    def bash(command: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["bash", "-c", command], cwd=cwd, capture_output=True, text=True, env=env, timeout=300)
+
+    # Rerun as printed: the corpus is rewritten the same, sequence_stats has nothing left to do, and the
+    # profile is recomputed to the same line the demo printed below each command.
+    corpus = cwd / "ckptscope-demo-corpus.parquet"
+    before = digest(corpus)
+    for command in pipeline:
+        res = bash(command)
+        assert res.returncode == 0, (command, res.stdout, res.stderr)
+        if "sequence_stats" in command:
+            assert res.stdout.startswith("nothing to do"), res.stdout
+        else:
+            assert res.stdout.splitlines()[0] == lines[lines.index(f"$ {command}") + 1], (command, res.stdout)
+    assert digest(corpus) == before
 
     def run_all() -> list[list[list[str]]]:
-        env = {**os.environ, "COLUMNS": "80"}
         results = []
-        for command in commands + ["ckptscope ls --store ckptscope-demo.duckdb"]:
-            res = subprocess.run(["bash", "-c", command], cwd=cwd, capture_output=True, text=True, env=env, timeout=120)
+        for command in sql + ["ckptscope ls --store ckptscope-demo.duckdb"]:
+            res = bash(command)
             assert res.returncode == 0 and not res.stderr, (command, res.stdout, res.stderr)
             assert table_rows(res.stdout), (command, res.stdout)
             results.append(table_rows(res.stdout))
         return results
 
-    assert run_all()[:4] == printed_tables
+    assert run_all()[:5] == printed_tables
     # A second model with later steps in the same store: "the final step" of each query stays the demo's.
     state, config = neox_state()
     other = write_run(tmp_path / "other", trajectory(state, [0, 5000]), config)
     cli("ingest", other, "--store", store)
-    assert run_all()[:4] == printed_tables
+    assert run_all()[:5] == printed_tables
 
 
 def test_demo_trend_query_shows_a_trend(demo):

@@ -19,6 +19,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import numpy as np
+import polars as pl
 import pyarrow as pa
 import pytest
 import torch
@@ -337,6 +338,74 @@ def test_store_text_is_escaped(xss_store, browser, tmp_path):
     ticks = browser.execute_script("return Array.from(document.querySelectorAll('#chart1-0 .ytick text'), (t) => t.textContent)")
     assert ticks == [XSS]
     assert browser.execute_script("return document.querySelectorAll('script').length") == 3  # plotly, data, report.js
+
+
+@pytest.fixture(scope="module")
+def profile_store(tmp_path_factory) -> Path:
+    """A 7-step run plus real sequence_stats (a corpus with cohorts at steps 2, 4, 8, 16 and held-out
+    sequences, scored by the analyzer at every step) and the memorisation profile computed from them."""
+    from ckptscope.profile_run import profile
+
+    base = tmp_path_factory.mktemp("profile")
+    store = base / "profile.duckdb"
+    ingest_run(base, store, "pythia-tiny", [0, 1, 2, 4, 8, 16, 32])
+    gen = np.random.default_rng(7)
+    rows = [{"id": f"train:{i}", "tokens": gen.integers(1, 96, 12).tolist(), "first_seen_step": [2, 3, 8, 9][i % 4],
+             "split": "train"} for i in range(24)]
+    rows += [{"id": f"heldout:{i}", "tokens": gen.integers(1, 96, 12).tolist(), "first_seen_step": None, "split": "heldout"}
+             for i in range(12)]
+    corpus = base / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    ckptscope.analyze("pythia-tiny", "sequence_stats", store=store, corpus=corpus)
+    profile("pythia-tiny", store=store)
+    return store
+
+
+def test_memorisation_profile_section(profile_store, browser, tmp_path):
+    report = build_report(profile_store, tmp_path / "profile.html", metrics=["stable_rank"])
+    info = open_report(browser, report, tmp_path / "profile.png")
+    assert_renders_cleanly(info, tmp_path / "profile.png", min_charts=1 + 2 + 1 + 3)
+    assert section_titles(browser)[-2:] == ["Memorisation profile", "Spectra"]
+    charts = {c["type"]: c for c in report_payload(report) if c["type"].startswith("profile_")}
+    assert set(charts) == {"profile_cells", "profile_event", "profile_summary"}
+    with ckptscope.Store(profile_store, read_only=True) as db:  # straight from the tables, not the report's queries
+        cells = db.sql("SELECT cohort_step, step, att, ci_low, ci_high, n_treated FROM memorization_profile ORDER BY ALL")
+        summary = db.sql("SELECT kind, event_time, at_step, att, ci_low, ci_high FROM memorization_profile_summary "
+                         "ORDER BY CASE kind WHEN 'instantaneous' THEN 0 WHEN 'persistent' THEN 1 ELSE 2 END, event_time")
+    # cohorts 4, 8, 16 (first seen at 2 -> 2, 3 -> 4, 8 -> 8, 9 -> 16; cohort 2 has a pre-period at step 1)
+    heat = charts["profile_cells"]
+    assert heat["cohorts"] == sorted(cells["cohort_step"].unique().to_list()) == [2, 4, 8, 16]
+    assert heat["steps"] == sorted(cells["step"].unique().to_list())
+    got = {(g, t): heat["att"][i][j] for i, g in enumerate(heat["cohorts"]) for j, t in enumerate(heat["steps"])
+           if heat["att"][i][j] is not None}
+    assert got == {(g, t): pytest.approx(a, rel=1e-12) for g, t, a in cells.select("cohort_step", "step", "att").rows()}
+    # what plotly drew: the same grid, on a colour scale whose middle (white) is ATT = 0
+    drawn = browser.execute_script(f"const gd = document.getElementById('{heat['id']}-0');"
+                                   "return [gd.data[0].z, gd._fullData[0].zmin, gd._fullData[0].zmax, gd._fullData[0].colorscale];")
+    assert drawn[0] == heat["att"] and drawn[1] == -drawn[2] < 0
+    assert drawn[2] == pytest.approx(cells["att"].abs().max()) and [0.5, "#f7f7f7"] in drawn[3]
+    persistent = summary.filter(pl.col("kind") == "persistent")
+    event = charts["profile_event"]
+    assert event["event_time"] == persistent["event_time"].to_list() and event["att"] == persistent["att"].to_list()
+    assert event["ci_low"] == persistent["ci_low"].to_list() and event["ci_high"] == persistent["ci_high"].to_list()
+    bars = browser.execute_script(f"const t = document.getElementById('{event['id']}-0')._fullData[0];"
+                                  "return [t.y, t.error_y.array, t.error_y.arrayminus];")
+    assert bars[0] == pytest.approx(persistent["att"].to_list())
+    assert bars[1] == pytest.approx((persistent["ci_high"] - persistent["att"]).to_list())
+    assert bars[2] == pytest.approx((persistent["att"] - persistent["ci_low"]).to_list())
+    assert charts["profile_summary"]["kind"] == summary["kind"].to_list()
+    assert charts["profile_summary"]["att"] == summary["att"].to_list()
+    labels = browser.execute_script(f"return document.getElementById('{charts['profile_summary']['id']}-0')._fullData[0].y")
+    final = cells["step"].max()
+    assert labels[0] == "instantaneous (t = g)" and labels[-1] == f"residual at step {final}"
+    # each chart's SQL is printed under it, and gives its rows when run
+    for chart in charts.values():
+        shown = browser.execute_script(f"return Array.from(document.querySelectorAll('#{chart['id']} details.sql pre'), "
+                                       "(p) => p.textContent)")
+        assert len(shown) == 1
+        with ckptscope.Store(profile_store, read_only=True) as db:
+            assert db.sql(shown[0]).height == (cells.height if chart["type"] == "profile_cells" else
+                                               persistent.height if chart["type"] == "profile_event" else summary.height)
 
 
 @pytest.mark.skipif(os.environ.get("CKPTSCOPE_DOCS_SCREENSHOT") != "1" or not (DEMO_SUITE / "step0").is_dir(),

@@ -412,8 +412,50 @@ def demo(store):
             display.line(out, title, "bold")
             display.line(out, f"$ {demo_command(where, query)}", "dim")
             display.show(out, db.sql(query))
+    _demo_profile(suite, store)
     out.print()
     display.line(out, f"store: {store}   try: ckptscope ls --store {where}")
+
+
+DEMO_PROFILE_QUERY = ("SELECT kind, event_time, at_step, round(att, 4) AS att, round(ci_low, 4) AS ci_low, "
+                      "round(ci_high, 4) AS ci_high, n_cohorts, n_treated FROM memorization_profile_summary "
+                      "WHERE model = 'demo-neox' ORDER BY kind, event_time")
+
+
+def _demo_profile(suite: Path, store: Path) -> None:
+    """The memorisation-profile path on the demo's own data order, each step printed as the command that does it.
+
+    The demo runs each step in this process (no second start of torch) and prints the equivalent
+    command line; run in the store's directory, the commands give the same rows.
+    """
+    from ckptscope.data_order import corpus_from_data
+    from ckptscope.pipeline import analyze
+    from ckptscope.profile_run import describe, profile
+
+    order = json.loads((suite / "suite.json").read_text())["data_order"]
+    corpus = Path(store).with_name(Path(store).stem + "-corpus.parquet")
+    data, held = suite / order["train"], suite / order["heldout"]
+    pick = order["profile"]
+    where, quoted = shlex.quote(str(store)), shlex.quote(str(corpus))
+    out.print()
+    display.line(out, "Memorisation profile: sequences the demo run trained on exactly once, read from its data order, "
+                 f"and never-trained held-out ones; their surprisal at checkpoints {pick['checkpoints']}; the "
+                 "difference-in-differences effect (ATT) of training on them: negative = surprisal fell", "bold")
+    display.line(out, f"$ ckptscope corpus from-data {shlex.quote(str(data))} -o {quoted} --batch-size {order['batch_size']} "
+                 f"--seq-len {order['seq_len']} --steps {pick['steps']} --per-step {pick['per_step']} --seed 0 "
+                 f"--heldout {shlex.quote(str(held))} --heldout-count {pick['heldout_count']}", "dim")
+    df = corpus_from_data(data, corpus, batch_size=order["batch_size"], seq_len=order["seq_len"], steps=pick["steps"],
+                          per_step=pick["per_step"], seed=0, heldout=held, heldout_count=pick["heldout_count"])
+    display.line(out, _corpus_written(df, corpus))
+    display.line(out, f"$ ckptscope analyze sequence_stats demo-neox --store {where} --corpus {quoted} "
+                 f"--steps {pick['checkpoints']} --batch-size {pick['batch_size']}", "dim")
+    _summarize(analyze("demo-neox", "sequence_stats", store=store, steps=pick["checkpoints"], corpus=corpus,
+                       batch_size=pick["batch_size"], progress=True), verb="analyzed")
+    display.line(out, f"$ ckptscope analyze profile demo-neox --store {where}", "dim")
+    display.line(out, describe(profile("demo-neox", store=store)))
+    display.line(out, f"$ {demo_command(where, DEMO_PROFILE_QUERY)}", "dim")
+    with Store(store, read_only=True) as db:
+        display.show(out, db.sql(DEMO_PROFILE_QUERY))
 
 
 def demo_command(store: str, query: str) -> str:
@@ -501,9 +543,14 @@ def corpus_from_data(prefix, output, batch_size, seq_len, steps, per_step, seed,
 
     df = build(prefix, output, batch_size=batch_size, seq_len=seq_len, steps=steps, per_step=per_step, seed=seed,
                heldout=heldout, heldout_count=heldout_count)
+    display.line(out, _corpus_written(df, output))
+
+
+def _corpus_written(df: pl.DataFrame, output: Path) -> str:
+    """What `corpus from-data` (and the demo, for the same command) says it wrote."""
     train = df.filter(pl.col("split") == "train")
-    out.print(f"wrote {df.height} sequences to {output}: {train.height} train from {train['first_seen_step'].n_unique()} "
-              f"step(s), {df.height - train.height} held out", highlight=False, soft_wrap=True)
+    return (f"wrote {df.height} sequences to {output}: {train.height} train from {train['first_seen_step'].n_unique()} "
+            f"step(s), {df.height - train.height} held out")
 
 
 @main.command()

@@ -10,6 +10,9 @@ checkpoint s into s+1 trains on items [s·B, (s+1)·B): item i is first seen by 
 Both files are opened as memory maps and only the selected items are touched, so the time and
 memory of `corpus_from_data` grow with the corpus it writes, not with the dataset (Pythia's holds
 ~300 billion tokens).
+
+`write_indexed_dataset` writes the same layout, so a run trained from it (the embedded demo suite,
+`scripts/make_demo_suite.py`) ships its own data order and can be profiled like Pythia.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ HEADER = struct.Struct("<9sQBQQ")  # magic, version, dtype code, items N, doc_id
 # Pythia-era branch and in Megatron-core); token ids are never floats, so they are refused.
 DTYPES = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 8: np.uint16}
 ROW_GROUP_TOKENS = 1 << 24  # tokens buffered per Parquet row group (~64 MB as int32)
+CODES = {np.dtype(t): code for code, t in DTYPES.items()}
 HELDOUT_STREAM = 0  # random stream of the held-out sample; train steps (>= 1) use their step number
 
 
@@ -108,6 +112,37 @@ class IndexedDataset:
         for row, start in enumerate(starts):
             out[row] = self.data[start : start + width].view(self.dtype)  # one read per item, never the whole file
         return out
+
+
+def write_indexed_dataset(prefix: Path | str, items: np.ndarray | list[np.ndarray], dtype: type | None = None) -> Path:
+    """Write `items` (1-D integer arrays, or the rows of a 2-D array) as `PREFIX.idx` + `PREFIX.bin`.
+
+    The layout `IndexedDataset.open` reads (version 1; one document per item, as packed training
+    sequences are). `dtype` defaults to uint16 when every id is below 65,500 and int32 otherwise,
+    the rule of gpt-neox's builder. Returns the prefix.
+    """
+    prefix = Path(prefix)
+    arrays = [np.asarray(item) for item in items]
+    if not arrays or any(a.ndim != 1 or not np.issubdtype(a.dtype, np.integer) for a in arrays):
+        raise DataOrderError(f"{prefix}: items must be one or more 1-D arrays of integer token ids")
+    top = max(int(a.max()) if a.size else 0 for a in arrays)
+    low = min(int(a.min()) if a.size else 0 for a in arrays)
+    out_type = np.dtype(dtype if dtype is not None else (np.uint16 if top < 65_500 else np.int32))
+    if out_type not in CODES:
+        raise DataOrderError(f"{prefix}: dtype {out_type} is not one of the integer token types {sorted(map(str, CODES))}")
+    info = np.iinfo(out_type)
+    if low < info.min or top > info.max:
+        raise DataOrderError(f"{prefix}: token ids {low}..{top} do not fit {out_type}")
+    sizes = np.array([a.size for a in arrays], dtype="<i4")
+    pointers = np.concatenate([[0], np.cumsum(sizes[:-1], dtype=np.int64)]) * out_type.itemsize
+    doc_idx = np.arange(len(arrays) + 1, dtype="<i8")  # document j is item j
+    with open(prefix.with_name(prefix.name + ".bin"), "wb") as fh:
+        for a in arrays:
+            fh.write(a.astype(out_type.newbyteorder("<"), copy=False).tobytes())
+    with open(prefix.with_name(prefix.name + ".idx"), "wb") as fh:
+        fh.write(HEADER.pack(MAGIC, 1, CODES[out_type], len(arrays), len(doc_idx)))
+        fh.write(sizes.tobytes() + pointers.astype("<i8").tobytes() + doc_idx.tobytes())
+    return prefix
 
 
 def first_seen_step(index: int | np.ndarray, batch_size: int) -> int | np.ndarray:

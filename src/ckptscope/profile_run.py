@@ -26,7 +26,7 @@ CELLS = Table("memorization_profile", {
     "outcome": "VARCHAR NOT NULL -- the sequence_stats column the profile is of",
     "control": "VARCHAR NOT NULL -- heldout | not-yet-treated",
     "cohort_step": "BIGINT NOT NULL -- g: the checkpoint ending the interval the cohort was trained in",
-    "event_time": "BIGINT NOT NULL -- index of t minus index of g among the checkpoints",
+    "event_time": "BIGINT NOT NULL -- t − g, in steps (negative: a pre-trend placebo cell)",
     "att": "DOUBLE -- ATT(g, t) of the outcome",
     "se": "DOUBLE -- standard error (analytic, or multiplier bootstrap)",
     **_INTERVAL,

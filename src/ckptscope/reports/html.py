@@ -185,6 +185,8 @@ class _Builder:
             out.append(self._convergence_section())
         if q.has_rows(self.db, "memorization_summary", self.sel):
             out.append(self._memorization_section())
+        if q.has_rows(self.db, "memorization_profile", self.sel):
+            out.append(self._profile_section())
         out.append(self._spectra_section())
         return out + self._seed_sections() + self._analyzer_sections()
 
@@ -331,6 +333,48 @@ ORDER BY model, step"""
         intro = ("From the `memorization_summary` view of the `memorization` table, and the logit-lens view per layer "
                  "(metric `memorization_logit_lens`).")
         return Section("memorization", "Memorization", intro, charts)
+
+    def _profile_section(self) -> Section:
+        """Per stored profile: the ATT(g, t) heatmap, the event-study curve and the summary aggregates."""
+        charts = []
+        for model, outcome, control in self.db.sql(q.profiles_sql(self.sel.models)).rows():
+            name = f"{model}: {outcome}, {control} controls"
+            cells_sql = q.profile_cells_sql(model, outcome, control)
+            cells = self.db.sql(cells_sql)
+            cohorts, steps = sorted(cells["cohort_step"].unique().to_list()), sorted(cells["step"].unique().to_list())
+            at = {(r["cohort_step"], r["step"]): r for r in cells.iter_rows(named=True)}
+            spec = {"type": "profile_cells", "cohorts": cohorts, "steps": steps,  # grids: row = cohort, column = step, null = no cell
+                    **{k: [[_finite(at[g, t][k]) if (g, t) in at else None for t in steps] for g in cohorts]
+                       for k in ("att", "ci_low", "ci_high", "n_treated", "n_control", "tokens")}}
+            charts.append(self._chart(
+                f"ATT(g, t): {name}", f"Change in {outcome} of the sequences first trained on in the interval ending at "
+                "checkpoint g (rows), from the checkpoint before g to checkpoint t (columns), minus the same change of the "
+                "controls. Blue: the outcome fell relative to the controls (for surprisal: memorisation); white: 0. "
+                "Cells left of the diagonal (t < g) are pre-trend placebos.", [cells_sql], spec))
+            persistent_sql = q.profile_summary_sql(model, outcome, control, "persistent")
+            persistent = self.db.sql(persistent_sql)
+            if persistent.height:
+                charts.append(self._chart(
+                    f"Event study: {name}", "ATT by event time e = t − g (steps), averaged over the cohorts observed at e "
+                    "with weights ∝ cohort size, with its 95% interval: e = 0 is the instantaneous effect, later e show how "
+                    "it persists or decays.", [persistent_sql], {"type": "profile_event", **self._summary_spec(persistent)}))
+            summary_sql = q.profile_summary_sql(model, outcome, control)
+            summary = self.db.sql(summary_sql)
+            charts.append(self._chart(
+                f"Summary: {name}", "Instantaneous (t = g), persistent (each event time) and residual (every cohort at the "
+                "final checkpoint) ATT with 95% intervals.", [summary_sql], {"type": "profile_summary", **self._summary_spec(summary)}))
+            for chart in charts[-3:]:
+                chart.spec.update(model=model, outcome=outcome, control=control)
+        intro = ("Difference-in-differences memorisation profiles (Lesci et al., ACL 2024) from the `memorization_profile` "
+                 "table and the `memorization_profile_summary` aggregates that `ckptscope analyze profile` writes: how "
+                 "training on a sequence changed the outcome on it, relative to sequences not (yet) trained on.")
+        return Section("profile", "Memorisation profile", intro, charts)
+
+    @staticmethod
+    def _summary_spec(df: pl.DataFrame) -> dict[str, Any]:
+        return {"kind": df["kind"].to_list(), "event_time": df["event_time"].to_list(), "at_step": df["at_step"].to_list(),
+                **{k: _floats(df[k]) for k in ("att", "se", "ci_low", "ci_high")},
+                "n_cohorts": df["n_cohorts"].to_list(), "n_treated": df["n_treated"].to_list()}
 
     def _spectra_section(self) -> Section:
         charts = [c for model in self.sel.models if (c := self._spectrum_chart(model))]

@@ -308,3 +308,35 @@ JOIN models m USING (model)
 LEFT JOIN checkpoints c ON c.model = p.model AND c.step = p.step
 WHERE m.group_name = {literal(group)}
 ORDER BY m.seed, p.step"""
+
+
+# -- memorisation profiles ------------------------------------------------------------------
+
+def profiles_sql(models: Sequence[str]) -> str:
+    """The stored profiles: one per model, outcome and control group, each drawn on its own."""
+    return f"""SELECT DISTINCT model, outcome, control
+FROM memorization_profile
+WHERE {in_list('model', models)}
+ORDER BY model, outcome, control"""
+
+
+def _profile_where(model: str, outcome: str, control: str, alias: str = "") -> str:
+    return " AND ".join(f"{alias}{c} = {literal(v)}" for c, v in (("model", model), ("outcome", outcome), ("control", control)))
+
+
+def profile_cells_sql(model: str, outcome: str, control: str) -> str:
+    """ATT(g, t) of one profile, per cohort g (`cohort_step`) and checkpoint t (`step`): the heatmap."""
+    return f"""SELECT p.cohort_step, p.step, c.tokens, p.event_time, p.att, p.se, p.ci_low, p.ci_high, p.n_treated, p.n_control
+FROM memorization_profile p
+LEFT JOIN checkpoints c ON c.model = p.model AND c.step = p.step
+WHERE {_profile_where(model, outcome, control, "p.")}
+ORDER BY p.cohort_step, p.step"""
+
+
+def profile_summary_sql(model: str, outcome: str, control: str, kind: str | None = None) -> str:
+    """The aggregates of one profile (instantaneous, persistent by event time, residual), or those of one kind."""
+    only = f" AND kind = {literal(kind)}" if kind else ""
+    return f"""SELECT kind, event_time, at_step, att, se, ci_low, ci_high, n_cohorts, n_treated
+FROM memorization_profile_summary
+WHERE {_profile_where(model, outcome, control)}{only}
+ORDER BY CASE kind WHEN 'instantaneous' THEN 0 WHEN 'persistent' THEN 1 ELSE 2 END, event_time"""

@@ -372,9 +372,82 @@
     }));
   }
 
+  // Memorisation profiles. ATT(g, t) per cohort (row) and checkpoint (column) on a diverging scale centred at 0:
+  // blue where the outcome fell relative to the controls (for surprisal: memorisation), red where it rose.
+  const DIVERGING = [[0, "#2166ac"], [0.25, "#92c5de"], [0.5, "#f7f7f7"], [0.75, "#f4a582"], [1, "#b2182b"]];
+  const fmt = (v) => (v === null || v === undefined ? "n/a" : Number(v).toPrecision(4));
+  const profileName = (chart) => `model: ${esc(chart.model)}<br>outcome: ${esc(chart.outcome)}<br>controls: ${esc(chart.control)}`;
+
+  function drawProfileCells(chart) {
+    const finite = chart.att.flat().filter((v) => v !== null);
+    const span = Math.max(1e-12, ...finite.map(Math.abs));  // symmetric range: 0 sits at the middle of the scale
+    const custom = chart.cohorts.map((g, i) => chart.steps.map((t, j) => [
+      int(g), int(t), int(t - g), fmt(chart.ci_low[i][j]), fmt(chart.ci_high[i][j]), int(chart.n_treated[i][j]),
+      int(chart.n_control[i][j]), int(chart.tokens[i][j])]));
+    const heat = {
+      type: "heatmap", x: chart.steps.map(String), y: chart.cohorts.map(String), z: chart.att, customdata: custom,
+      colorscale: DIVERGING, zmin: -span, zmax: span, hoverongaps: false, xgap: 1, ygap: 1,
+      colorbar: {title: {text: `ATT (${esc(chart.outcome)})`, side: "right"}, thickness: 12},
+      hovertemplate: `${profileName(chart)}<br>cohort g: %{customdata[0]}<br>checkpoint t: %{customdata[1]}` +
+        "<br>tokens: %{customdata[7]}<br>event time t − g: %{customdata[2]}<br>ATT: %{z:.4g}" +
+        "<br>95% interval: %{customdata[3]} to %{customdata[4]}<br>cohort sequences: %{customdata[5]}" +
+        "<br>control sequences: %{customdata[6]}<extra></extra>",
+    };
+    react(plotDiv(chart, 0), [heat], baseLayout({
+      height: Math.max(340, 120 + 18 * chart.cohorts.length),
+      xaxis: {type: "category", title: {text: "checkpoint t (step)"}},
+      yaxis: {type: "category", title: {text: "cohort g (step)"}, automargin: true},
+    }));
+  }
+
+  // Points with asymmetric 95% intervals, from rows of memorization_profile_summary.
+  const interval = (chart) => ({
+    type: "data", symmetric: false, thickness: 1.5, width: 4,
+    array: chart.att.map((a, i) => (a === null || chart.ci_high[i] === null ? null : chart.ci_high[i] - a)),
+    arrayminus: chart.att.map((a, i) => (a === null || chart.ci_low[i] === null ? null : a - chart.ci_low[i])),
+  });
+  const summaryData = (chart) => chart.att.map((_, i) => [fmt(chart.ci_low[i]), fmt(chart.ci_high[i]), fmt(chart.se[i]),
+    int(chart.n_cohorts[i]), int(chart.n_treated[i])]);
+  const summaryHover = (chart) => `${profileName(chart)}<br>ATT: %{customdata[5]}<br>95% interval: %{customdata[0]} to %{customdata[1]}` +
+    "<br>standard error: %{customdata[2]}<br>cohorts: %{customdata[3]}<br>cohort sequences: %{customdata[4]}";
+  const ZERO = {type: "line", line: {color: "#555", width: 1, dash: "dot"}};
+  const zeroY = {...ZERO, xref: "paper", x0: 0, x1: 1, yref: "y", y0: 0, y1: 0};  // the line ATT = 0
+  const zeroX = {...ZERO, xref: "x", x0: 0, x1: 0, yref: "paper", y0: 0, y1: 1};
+
+  function drawProfileEvent(chart) {
+    const trace = {
+      type: "scatter", mode: "lines+markers", x: chart.event_time, y: chart.att, error_y: interval(chart),
+      customdata: summaryData(chart).map((row, i) => [...row, fmt(chart.att[i])]), name: "ATT", line: {color: PALETTE[0]},
+      hovertemplate: `${summaryHover(chart)}<br>event time e: %{x}<extra></extra>`,
+    };
+    react(plotDiv(chart, 0), [trace], baseLayout({
+      xaxis: {title: {text: "event time e = t − g (steps)"}}, yaxis: {title: {text: `ATT (${esc(chart.outcome)})`}},
+      shapes: [zeroY], showlegend: false,
+    }));
+  }
+
+  function drawProfileSummary(chart) {
+    const label = (i) => (chart.kind[i] === "instantaneous" ? "instantaneous (t = g)"
+      : chart.kind[i] === "persistent" ? `persistent, e = ${int(chart.event_time[i])}` : `residual at step ${int(chart.at_step[i])}`);
+    const colors = {instantaneous: PALETTE[3], persistent: PALETTE[0], residual: PALETTE[2]};
+    const labels = chart.kind.map((_, i) => label(i));
+    const trace = {
+      type: "scatter", mode: "markers", x: chart.att, y: labels, error_x: interval(chart),
+      marker: {size: 9, color: chart.kind.map((k) => colors[k] || PALETTE[7])},
+      customdata: summaryData(chart).map((row, i) => [...row, fmt(chart.att[i])]),
+      hovertemplate: `%{y}<br>${summaryHover(chart)}<extra></extra>`,
+    };
+    react(plotDiv(chart, 0), [trace], baseLayout({
+      height: Math.max(220, 90 + 26 * labels.length), showlegend: false, shapes: [zeroX],
+      xaxis: {title: {text: `ATT (${esc(chart.outcome)}) with 95% interval`}},
+      yaxis: {type: "category", autorange: "reversed", automargin: true},
+    }));
+  }
+
   const DRAW = {layers: drawLayers, compare: drawCompare, checkpoints: drawCheckpoints, stabilization: drawStabilization,
     memorization: drawMemorization, spectrum: drawSpectrum, tensors: drawTensors, lines: drawLines, training: drawTraining,
-    seedband: drawSeedBand, seeddiff: drawSeedDiff, seedcka: drawSeedCka, phases: drawPhases};
+    seedband: drawSeedBand, seeddiff: drawSeedDiff, seedcka: drawSeedCka, phases: drawPhases,
+    profile_cells: drawProfileCells, profile_event: drawProfileEvent, profile_summary: drawProfileSummary};
 
   // Printing lays the page out at paper width, but each chart was drawn at the window's width: before
   // printing, narrower charts are redrawn to fit the paper (synchronously), and after it, to fit the window.
