@@ -27,6 +27,11 @@ class SourceSpec(Options):
     revision_pattern: str | None = option(None, help="Hub: regex with a (?P<step>...) group mapping revision names to steps.")
     keep: bool = option(False, help="Hub: keep downloaded checkpoints in the HF cache instead of evicting them.")
     cache_dir: Path | None = option(None, help="Hub: download cache [default: the HF cache].")
+    watch: bool = option(False, help="Keep following a local run: analyze each new checkpoint once it is completely written.")
+    idle_exit: float | None = option(None, help="With --watch: stop (exit 0) when no new checkpoint appeared for SECONDS.",
+                                     check=at_least(0), metavar="SECONDS")
+    watch_interval: float = option(2.0, help="With --watch: seconds between looks at the run; a new checkpoint's files "
+                                   "must stay unchanged this long.", check=at_least(0.05), metavar="SECONDS")
 
     def is_local(self) -> bool:
         """SOURCE is local when it exists, starts with `/`, `.` or `~`, has more than one `/`, or
