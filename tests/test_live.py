@@ -84,20 +84,23 @@ def test_watch_follows_a_run_that_deletes_old_checkpoints(states, tmp_path):
     ckptscope.ingest(full, store=one_shot, name="run")
     run, store = tmp_path / "run", tmp_path / "live.duckdb"
     run.mkdir()
-    watcher = subprocess.Popen(cli("ingest", run, "--store", store, "--watch", "--idle-exit", 8, "--watch-interval", 0.3),
+    watcher = subprocess.Popen(cli("ingest", run, "--store", store, "--watch", "--idle-exit", 15, "--watch-interval", 0.3),
                                env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     trainer = subprocess.Popen([sys.executable, "-c", TRAINER, full, run, store], env=ENV)
     try:
         time.sleep(1)
         second = subprocess.run(cli("ingest", full, "--store", store), env=ENV, capture_output=True, text=True, timeout=120)
         assert second.returncode == 1 and f"being written by another process (PID {watcher.pid})" in second.stderr
-        assert trainer.wait(timeout=300) == 0
+        trained = trainer.wait(timeout=300)
+        if trained != 0:
+            watcher.kill()
         out, _ = watcher.communicate(timeout=120)
     finally:
         trainer.kill()
         watcher.kill()
+    assert trained == 0, out
     assert watcher.returncode == 0, out
-    assert "Traceback" not in out and "no new checkpoint for 8 s" in out
+    assert "Traceback" not in out and "no new checkpoint for 15 s" in out
     assert sorted(p.name for p in run.iterdir()) == ["checkpoint-40", "checkpoint-50"]  # 0..30 were deleted
     assert rows(store) == rows(one_shot)
     # each step was analyzed whole: the stored hash is that of the complete file
@@ -105,7 +108,8 @@ def test_watch_follows_a_run_that_deletes_old_checkpoints(states, tmp_path):
     assert dict(rows(store, "SELECT step, content_hash FROM checkpoints")) == hashes
     # final_* of steps still on disk were re-based onto the latest step; those deleted keep theirs
     finals = dict(rows(store, "SELECT step, parameters->>'final_step' FROM runs"))
-    assert finals[40] == finals[50] == "50" and finals[30] == "40" and finals[0] == "10"
+    assert finals[40] == finals[50] == "50"
+    assert all(finals[s] in (str(s + 10), str(s + 20)) for s in (0, 10, 20, 30)), finals  # the latest while it existed
     assert sorted(p.name for p in cache_dir(store, "run").iterdir()) == ["step0", "step50"]
     assert not Path(f"{store}.lock").exists()
 

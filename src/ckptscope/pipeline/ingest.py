@@ -323,7 +323,11 @@ class IngestRun:
             task = bar.add_task(f"re-basing {len(stale)} steps of {analyzer.name} on final step {final}", total=len(stale))
             for step in stale:
                 ckpts.keep_only({self.all_steps[0], step, final})
-                ckpt = ckpts.get(step)
+                try:
+                    ckpt = ckpts.get(step)
+                except SourceError:  # deleted since the plan (a trainer's save_total_limit): it keeps its final step
+                    bar.advance(task)
+                    continue
                 self.plan.adopt(ckpt)  # a re-basing-only run opens nothing else first
                 ctx = AnalysisContext(checkpoint=ckpt, family=self.plan.arch.family, config=self.plan.arch.config,
                                       references={"final": ckpts.get(final) if step != final else None})

@@ -37,11 +37,14 @@ class Plan:
     stored_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     stale_final: bool = False  # stored final_* rows point at an older final step
     retokenize: int | None = None  # --force with a new --tokens-per-step: rewrite the stored tokens
-    cached: dict[int, CheckpointRef] = field(default_factory=dict)  # stored steps gone from the source, kept in the reference cache
+    cached: dict[int, CheckpointRef] = field(default_factory=dict)  # stored steps kept in the reference cache
 
     def ref(self, step: int) -> CheckpointRef:
-        """Where a step is opened: the source, else (a reference only) the reference cache."""
-        return self.available.get(step) or self.cached[step]
+        """Where a step is opened: a stored step serving as a reference from the reference cache (a trainer
+        may delete its checkpoint at any moment), a step to analyze from the source."""
+        if step in self.cached and (step not in self.todo or step not in self.available):
+            return self.cached[step]
+        return self.available[step]
 
     def adopt(self, ckpt: Checkpoint) -> None:
         """Check a checkpoint against the run's architecture (taking it as the run's, if first)."""
@@ -122,7 +125,7 @@ def reconcile(plan: Plan, store: Store, analyzers: list[Analyzer], *, force: boo
         plan.todo = [s for s in plan.todo if s not in done]
     hashes = dict(store.sql("SELECT step, content_hash FROM checkpoints WHERE model = ? AND status = 'ok'", [plan.model]).rows())
     stored_ok = set(hashes)
-    plan.cached = {s: ref for s, ref in cache.refs(hashes).items() if s not in plan.available} if cache is not None else {}
+    plan.cached = cache.refs(hashes) if cache is not None else {}
     every = stored_ok | set(plan.todo)
     wanted = roles(analyzers)
     where = " or the reference cache" if cache is not None else ""

@@ -37,7 +37,7 @@ class Snapshot(LocalSource):
         self._refs = refs
 
     def refs(self) -> list[CheckpointRef]:
-        return self._refs
+        return [r for r in self._refs if r.path.is_dir()]  # the trainer may have deleted one since the look
 
 
 class Follower:
@@ -46,6 +46,7 @@ class Follower:
     def __init__(self, root: Path) -> None:
         self.root = root
         self.last: dict[int, tuple] = {}  # step -> the files' (name, size, mtime) at the previous look
+        self.changed = False  # whether the last look saw a checkpoint appear or a file change (a save in progress)
 
     def ready(self) -> list[CheckpointRef]:
         try:
@@ -61,6 +62,7 @@ class Follower:
             seen[ref.step] = files
             if self.last.get(ref.step) == files and is_complete(ref.path):
                 ready.append(ref)
+        self.changed = any(files != self.last.get(step) for step, files in seen.items())
         self.last = seen
         return ready
 
@@ -88,11 +90,12 @@ def watch(spec: SourceSpec, analyzers: list[Analyzer], executor: ExecutorSpec, *
             ready = follower.ready()
             new = [r for r in ready if r.step not in done]
             if new:
-                last_new = time.monotonic()
                 run = IngestRun(spec, analyzers, executor, force=force and not done, progress=progress)
                 reports.append(run.run(store, source=Snapshot(root, ready)))
                 done |= {r.step for r in ready}
                 say(f"{len(done)} checkpoint{'s' * (len(done) != 1)} of {root.name} analyzed (latest: step {max(done)}); watching")
+            if new or follower.changed:  # idle means: nothing analyzed and nothing being saved
+                last_new = time.monotonic()
             elif spec.idle_exit is not None and time.monotonic() - last_new >= spec.idle_exit:
                 say(f"no new checkpoint for {spec.idle_exit:g} s: done")
                 break
