@@ -291,7 +291,6 @@ def sql(query, store, fmt, output, max_rows):
             click.echo(text, nl=fmt == "json")
 
 
-        display.line(out, f"{verb} {report.height} checkpoint(s) in {report['seconds'].sum():.1f}s{extra}")
 @main.command()
 @click.argument("name", required=False)
 @_friendly
