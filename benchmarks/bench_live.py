@@ -98,9 +98,10 @@ def ingest_once(run: Path, store: Path, name: str, with_reader: bool, work: Path
         reader = subprocess.Popen([sys.executable, "-c", READER, str(store), str(stop), str(out), QUERY])
         time.sleep(3)  # the reader's interpreter is up and polling (for the store to appear) before the ingest starts
     t = time.perf_counter()
-    report = ckptscope.ingest(run, store=store, name=name)
+    with ckptscope.Store(store) as db:
+        report = ckptscope.ingest(run, store=db, name=name)
     wall = time.perf_counter() - t
-    result = {"wall": wall, "steps": report.height}
+    result = {"wall": wall, "steps": report.height, "waited": db.lock_wait_s}
     if reader is not None:
         stop.touch()
         reader.wait(timeout=120)
@@ -133,8 +134,8 @@ def main() -> None:
         workloads = {args.only: workloads[args.only]}
     print(f"{date.today()} · {platform.processor() or platform.machine()} · {os.cpu_count()} CPUs · "
           f"torch {torch.__version__} · duckdb {duckdb.__version__}")
-    print("| workload | steps | reader every 100 ms | ingest s | reader queries | failed | query p50 ms | p99 ms | max ms |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| workload | steps | reader every 100 ms | ingest s | writer waited s | reader queries | failed | query p50 ms | p99 ms | max ms |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     stores = {}
     for name, run in workloads.items():
         for with_reader in (False, True):
@@ -143,7 +144,7 @@ def main() -> None:
             stores[name] = store
             lat = (f"{r['queries']} | {r['errors']} | {r['p50'] * 1e3:.0f} | {r['p99'] * 1e3:.0f} | {r['max'] * 1e3:.0f}"
                    if with_reader else "— | — | — | — | —")
-            print(f"| {name} | {r['steps']} | {'yes' if with_reader else 'no'} | {r['wall']:.1f} | {lat} |", flush=True)
+            print(f"| {name} | {r['steps']} | {'yes' if with_reader else 'no'} | {r['wall']:.1f} | {r['waited']:.1f} | {lat} |", flush=True)
     for name, store in stores.items():
         cost = writer_connection_cost(store)
         run = workloads[name]

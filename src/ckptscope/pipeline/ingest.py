@@ -310,7 +310,10 @@ class IngestRun:
         cache before its rows commit, so a committed reference is never only in a source that may delete it."""
         step = result.step
         if self.cache is not None and (step == min(self.all_steps) or step > max(self.committed, default=-1)):
-            self.cache.put(self.plan.source.open(self.plan.available[step]), result.content_hash)
+            try:
+                self.cache.put(self.plan.source.open(self.plan.available[step]), result.content_hash)
+            except (OSError, SourceError) as exc:  # deleted since it was analyzed: a later step needing it says so clearly
+                log.warning("step %d not copied to the reference cache: %s", step, exc)
 
     def _refresh_final(self, ckpts: Checkpoints, bar: Progress) -> None:
         """Recompute the `final_metrics` rows of steps whose stored final reference is no longer the last step."""

@@ -54,11 +54,15 @@ class RefCache:
         partial = self.dir / f".partial-step{ckpt.step}"
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
-        extras = [ckpt.path / name for name in ("config.json", SAFETENSORS_INDEX, BIN_INDEX) if (ckpt.path / name).is_file()]
-        for file in (*ckpt.files, *extras):
-            shutil.copyfile(file, partial / file.name)
-        (partial / "ref.json").write_text(json.dumps({"step": ckpt.step, "revision": ckpt.revision, "content_hash": content_hash,
-                                                      "source": str(ckpt.path)}))
+        try:
+            extras = [ckpt.path / name for name in ("config.json", SAFETENSORS_INDEX, BIN_INDEX) if (ckpt.path / name).is_file()]
+            for file in (*ckpt.files, *extras):
+                shutil.copyfile(file, partial / file.name)
+            (partial / "ref.json").write_text(json.dumps({"step": ckpt.step, "revision": ckpt.revision,
+                                                          "content_hash": content_hash, "source": str(ckpt.path)}))
+        except BaseException:
+            shutil.rmtree(partial, ignore_errors=True)
+            raise
         shutil.rmtree(final, ignore_errors=True)
         partial.rename(final)
 

@@ -65,6 +65,7 @@ class Store:
         self.path = Path(path) if path is not None else default_store_path()
         self.read_only = read_only
         self.on_wait: Callable[[str | None], None] | None = None  # told "waiting for …" while locked out, then None
+        self.lock_wait_s = 0.0  # total time spent waiting for other processes to let go of the file
         self._con: duckdb.DuckDBPyConnection | None = None
         self._held: Iterator | None = None  # the session a `with` block or `.con` keeps open
         self._lock: WriterLock | None = None
@@ -125,6 +126,7 @@ class Store:
                 pause = min(pause * 2, 0.25)
             except duckdb.Error as exc:
                 raise StoreError(f"cannot open store {self.path}: {_one_line(exc)}; is it a ckptscope DuckDB file?") from None
+        self.lock_wait_s += time.monotonic() - started
         if told:
             self._tell(None)
         return con
