@@ -100,7 +100,7 @@ class Store:
         config = ({"autoinstall_known_extensions": False, "autoload_known_extensions": False} if self.read_only
                   else {"storage_compatibility_version": STORAGE_COMPATIBILITY})
         limit = float(os.environ.get("CKPTSCOPE_LOCK_WAIT") or (READ_WAIT_S if self.read_only else WRITE_WAIT_S))
-        started, pause, told = time.monotonic(), 0.01, False
+        started, pause, told, locked_out = time.monotonic(), 0.01, False, False
         while True:
             try:
                 con = duckdb.connect(str(self.path), read_only=self.read_only, config=config)
@@ -112,6 +112,7 @@ class Store:
                     if "permission denied" in msg.lower():
                         raise StoreError(f"cannot open store {self.path}: {msg}; {self._not_writable()}") from None
                     raise StoreError(f"cannot open store {self.path}: {msg}") from None
+                locked_out = True
                 pid = re.search(r"PID (\d+)", msg)
                 who = f" (PID {pid.group(1)})" if pid else " (this process)" if "different configuration" in msg else ""
                 waited = time.monotonic() - started
@@ -126,7 +127,8 @@ class Store:
                 pause = min(pause * 2, 0.25)
             except duckdb.Error as exc:
                 raise StoreError(f"cannot open store {self.path}: {_one_line(exc)}; is it a ckptscope DuckDB file?") from None
-        self.lock_wait_s += time.monotonic() - started
+        if locked_out:
+            self.lock_wait_s += time.monotonic() - started
         if told:
             self._tell(None)
         return con
