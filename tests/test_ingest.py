@@ -265,6 +265,7 @@ def test_lost_reference_is_a_clear_error_and_interrupted_rebasing_resumes(neox, 
         assert db.sql("SELECT DISTINCT parameters->>'final_step' FROM runs").item() == "4"
     import shutil
     shutil.rmtree(root / "step0")
+    shutil.rmtree(f"{store.resolve()}.refs")  # without the reference cache either (see test_live.py for with it)
     write_run(root, {8: states[8]}, config)
-    with pytest.raises(ckptscope.CkptscopeError, match="step 0, the first step .* no longer in the source"):
+    with pytest.raises(ckptscope.CkptscopeError, match="step 0, the first step .* no longer in the source or the reference cache"):
         ckptscope.ingest(root, store=store)

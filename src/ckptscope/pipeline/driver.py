@@ -29,6 +29,8 @@ from ckptscope.pipeline.plan import MAX_LISTED, Plan, plan, reconcile, roles
 from ckptscope.pipeline.tasks import AnalyzerSpec, Checkpoints, StepResult, StepTask, tensor_rows
 from ckptscope.rows import CheckpointRows, ModelRow
 from ckptscope.seeds import check_membership, group_of
+from ckptscope.sources.local import Source
+from ckptscope.sources.refcache import RefCache
 from ckptscope.sources.spec import SourceSpec
 from ckptscope.sources.trainer_state import TrainerState
 from ckptscope.store.db import Store, default_store_path
@@ -55,6 +57,10 @@ def ingest(source: str | Path | SourceSpec, *, analyzers: Selection = None, exec
     """
     spec, runner, chosen = resolve(source, analyzers, executor, options)
     others = counterparts(chosen, store)
+    if spec.watch:
+        from ckptscope.pipeline.watch import watch
+
+        return watch(spec, chosen, runner, store=store, force=force, progress=progress)
     return IngestRun(spec, chosen, runner, force=force, progress=progress, counterparts=others).run(store)
 
 
@@ -149,6 +155,11 @@ class _Bars:
         self.bar.advance(self.steps)
         self.bar.update(self.work, visible=False)
 
+    def waiting(self, message: str | None) -> None:
+        """The store is held by a reader: say so on the checkpoints line until it is free."""
+        base = self.bar.tasks[self.steps].fields.setdefault("base", self.bar.tasks[self.steps].description)
+        self.bar.update(self.steps, description=f"{base} ({message})" if message else base)
+
 
 @contextmanager
 def _progress(enabled: bool) -> Iterator[Progress]:
@@ -173,9 +184,11 @@ class IngestRun:
         self.force, self.progress = force, progress
         self.tables = [(a.name, t) for a in analyzers for t in a.tables]
         self.report: list[dict] = []
+        self.cache: RefCache | None = None
 
-    def run(self, store: Store | str | Path | None) -> pl.DataFrame:
-        src = self.spec.open()
+    def run(self, store: Store | str | Path | None, source: Source | None = None) -> pl.DataFrame:
+        """Ingest the spec's source (or `source`, already open: --watch passes the complete checkpoints of the moment)."""
+        src = source or self.spec.open()
         try:
             if src.kind == "local":  # checkpoints named in earlier ingests of this model (--steps STEP=PATH)
                 src.remember(_step_paths(store, self.spec.name or src.default_name))
@@ -184,11 +197,14 @@ class IngestRun:
             runner = self.executor.make(src, self.analyzers)
             # The executor starts before the store is written: a cluster that cannot be reached leaves it untouched.
             # With nothing to analyze it does not start at all (re-basing final_* rows runs here).
+            path = store.path if isinstance(store, Store) else Path(store) if store is not None else default_store_path()
+            # Local checkpoints can be deleted (save_total_limit): keep the references later steps need.
+            needs = roles(self.analyzers) & {"first", "previous"}
+            self.cache = RefCache(path, self.plan.model) if src.kind == "local" and needs else None
             if isinstance(store, Store):
                 self._reconcile(store)
                 with runner if self.plan.todo else nullcontext():
                     return self._execute(store, runner)
-            path = Path(store) if store is not None else default_store_path()
             if path.exists():  # look read-only first: a mistake found here must not touch the file
                 with Store(path, read_only=True) as ro:
                     self._reconcile(ro)
@@ -198,10 +214,11 @@ class IngestRun:
                 self._reconcile(db)
                 return self._execute(db, runner)
         finally:
-            src.close()
+            if source is None:
+                src.close()
 
     def _reconcile(self, db: Store) -> None:
-        reconcile(self.plan, db, self.analyzers, force=self.force, tokens_per_step=self.spec.tokens_per_step)
+        reconcile(self.plan, db, self.analyzers, force=self.force, tokens_per_step=self.spec.tokens_per_step, cache=self.cache)
         self.group = group_of(self.spec, self.plan.source)
         self.regroup = check_membership(db, self.plan.model, *self.group)
 
@@ -219,9 +236,10 @@ class IngestRun:
         self.tokens_per_step = self.spec.tokens_per_step or (prior["tokens_per_step"] if prior else None)
         self.registered = False
         stored_ok = set(db.sql("SELECT step FROM checkpoints WHERE model = ? AND status = 'ok'", [p.model])["step"].to_list())
-        # References are the steps in the store or being ingested that the source still holds.
-        self.all_steps = sorted(set(p.todo) | (stored_ok & set(p.available)))
+        # References are the steps in the store or being ingested that the source or the reference cache still holds.
+        self.all_steps = sorted(set(p.todo) | (stored_ok & (set(p.available) | set(p.cached))))
         self.stored_ok = stored_ok
+        self.committed = set(stored_ok)
         self.seen_missing: set[int] = set()
         self.unrecorded: dict[int, tuple[str, str]] = {}  # missing revisions waiting for the architecture (the model row needs it)
         failures: dict[int, BaseException] = {}
@@ -231,6 +249,7 @@ class IngestRun:
         try:
             with _progress(self.progress) as bar:
                 bars = _Bars(bar, p.model, len(p.todo))
+                db.on_wait = bars.waiting
 
                 def tasks() -> Iterator[StepTask]:
                     for i, step in enumerate(p.todo):
@@ -240,7 +259,7 @@ class IngestRun:
                             bars.step_done()
                             continue
                         following = p.todo[i + 1] if runner.prefetches and i + 1 < len(p.todo) else None
-                        yield StepTask(source_spec, spec, step, tuple(p.available[s] for s in self.all_steps), p.arch,
+                        yield StepTask(source_spec, spec, step, tuple(p.ref(s) for s in self.all_steps), p.arch,
                                        pinned=tuple(p.available[s] for s in p.pinned), device=self.executor.device,
                                        threads=runner.threads, counterparts=self.counterparts,
                                        prefetch=p.available[following] if following is not None else None)
@@ -267,6 +286,7 @@ class IngestRun:
                     self._refresh_final(ckpts, bar)
         finally:  # hub downloads and memory maps are released however the run ends
             ckpts.keep_only(set())
+            db.on_wait = None
         self._warn_no_init()
         duplicates = dict(db.sql("SELECT step, duplicate_of FROM checkpoints WHERE model = ?", [p.model]).rows())
         for row in self.report:
@@ -316,6 +336,7 @@ class IngestRun:
                                        anomaly=("missing_revision", why)))
             self.report.append({"step": step, "status": "missing", "duplicate_of": None, "tensors": 0, "seconds": 0.0})
         if result.content_hash is not None:
+            self._cache(result)
             state = result.trainer_state
             self._write(CheckpointRows(model=p.model, step=result.step, tokens=self._tokens(result.step, state),
                                        revision=result.revision, source=result.source, content_hash=result.content_hash,
@@ -323,6 +344,19 @@ class IngestRun:
                                        step_path=getattr(p.source, "named", {}).get(result.step)))
             self.report.append({"step": result.step, "status": "ok", "duplicate_of": None, "tensors": result.n_tensors,
                                 "seconds": result.seconds})
+            self.committed.add(result.step)
+            if self.cache is not None:
+                self.cache.keep_only({min(self.all_steps), max(self.committed)})
+
+    def _cache(self, result: StepResult) -> None:
+        """Copy a step that new steps will be measured against (the first, the latest) to the reference
+        cache before its rows commit, so a committed reference is never only in a source that may delete it."""
+        step = result.step
+        if self.cache is not None and (step == min(self.all_steps) or step > max(self.committed, default=-1)):
+            try:
+                self.cache.put(self.plan.source.open(self.plan.available[step]), result.content_hash)
+            except (OSError, SourceError) as exc:  # deleted since it was analyzed: a later step needing it says so clearly
+                log.warning("step %d not copied to the reference cache: %s", step, exc)
 
     def _refresh_final(self, ckpts: Checkpoints, bar: Progress) -> None:
         """Recompute the `final_metrics` rows of steps whose stored final reference is no longer the last step."""
@@ -335,7 +369,11 @@ class IngestRun:
             task = bar.add_task(f"re-basing {len(stale)} steps of {analyzer.name} on final step {final}", total=len(stale))
             for step in stale:
                 ckpts.keep_only({self.all_steps[0], step, final})
-                ckpt = ckpts.get(step)
+                try:
+                    ckpt = ckpts.get(step)
+                except SourceError:  # deleted since the plan (a trainer's save_total_limit): it keeps its final step
+                    bar.advance(task)
+                    continue
                 self.plan.adopt(ckpt)  # a re-basing-only run opens nothing else first
                 ctx = AnalysisContext(checkpoint=ckpt, family=self.plan.arch.family, config=self.plan.arch.config,
                                       references={"final": ckpts.get(final) if step != final else None})

@@ -17,6 +17,7 @@ from ckptscope.pipeline.tasks import Architecture
 from ckptscope.sources.checkpoint import Checkpoint
 from ckptscope.sources.layers import classify
 from ckptscope.sources.local import CheckpointRef, Source
+from ckptscope.sources.refcache import RefCache
 from ckptscope.sources.steps import nearest, select_steps
 from ckptscope.sources.trainer_state import read_trainer_state
 from ckptscope.store.db import Store
@@ -38,6 +39,14 @@ class Plan:
     stale_final: bool = False  # stored final_* rows point at an older final step
     retokenize: int | None = None  # --force with a new --tokens-per-step: rewrite the stored tokens
     fill_tokens: bool = False  # retokenize only steps whose tokens were unknown
+    cached: dict[int, CheckpointRef] = field(default_factory=dict)  # stored steps kept in the reference cache
+
+    def ref(self, step: int) -> CheckpointRef:
+        """Where a step is opened: a stored step serving as a reference from the reference cache (a trainer
+        may delete its checkpoint at any moment), a step to analyze from the source."""
+        if step in self.cached and (step not in self.todo or step not in self.available):
+            return self.cached[step]
+        return self.available[step]
 
     def adopt(self, ckpt: Checkpoint) -> None:
         """Check a checkpoint against the run's architecture (taking it as the run's, if first)."""
@@ -100,8 +109,13 @@ def _check_against_store(plan: Plan, shapes: dict[str, tuple[int, ...]]) -> None
             )
 
 
-def reconcile(plan: Plan, store: Store, analyzers: list[Analyzer], *, force: bool, tokens_per_step: int | None) -> None:
-    """Check the plan against what the store already holds and drop steps already done."""
+def reconcile(plan: Plan, store: Store, analyzers: list[Analyzer], *, force: bool, tokens_per_step: int | None,
+              cache: RefCache | None = None) -> None:
+    """Check the plan against what the store already holds and drop steps already done.
+
+    Stored steps gone from the source still serve as references from `cache`; a reference
+    found in neither is an error, never a silently different one.
+    """
     stored = store.sql("SELECT tensor, shape FROM tensors WHERE model = ? AND step = (SELECT min(step) FROM tensors WHERE model = ?)",
                        [plan.model, plan.model])
     plan.stored_shapes = {row["tensor"]: tuple(row["shape"]) for row in stored.iter_rows(named=True)}
@@ -113,21 +127,33 @@ def reconcile(plan: Plan, store: Store, analyzers: list[Analyzer], *, force: boo
     if not force:
         done = set.intersection(*(store.steps_done(plan.model, a.run_name) for a in analyzers))
         plan.todo = [s for s in plan.todo if s not in done]
-    stored_ok = set(store.sql("SELECT step FROM checkpoints WHERE model = ? AND status = 'ok'", [plan.model])["step"].to_list())
+    hashes = dict(store.sql("SELECT step, content_hash FROM checkpoints WHERE model = ? AND status = 'ok'", [plan.model]).rows())
+    stored_ok = set(hashes)
+    plan.cached = cache.refs(hashes) if cache is not None else {}
     every = stored_ok | set(plan.todo)
     wanted = roles(analyzers)
+    where = " or the reference cache" if cache is not None else ""
     if every:
         for role, step in (("first", min(every)), ("final", max(every))):
-            if role in wanted and step not in plan.available:
+            if role in wanted and step not in plan.available and step not in plan.cached:
                 raise SourceError(
-                    f"step {step}, the {role} step of model {plan.model!r} in the store, is no longer in the source; "
+                    f"step {step}, the {role} step of model {plan.model!r} in the store, is no longer in the source{where}; "
                     "deltas and distances are taken against it: restore it, or ingest into another --name"
                 )
-    if stored_ok:  # an interrupted re-basing is finished by the next run
+    if "previous" in wanted:
+        ordered = sorted(every)
+        for i, step in enumerate(ordered[1:], 1):
+            before = ordered[i - 1]
+            if step in plan.todo and before not in plan.available and before not in plan.cached:
+                raise SourceError(
+                    f"step {before}, the step before step {step} of model {plan.model!r} in the store, is no longer in the "
+                    f"source{where}; delta_prev_* of step {step} is taken against it: restore it, or ingest into another --name"
+                )
+    if stored_ok:  # an interrupted re-basing is finished by the next run; steps gone from the source keep theirs
         final = max(every)
         plan.stale_final = any(p.get("final_step") != final
                                for a in analyzers if a.final_metrics
-                               for s, (_, p) in store.runs_of(plan.model, a.run_name).items() if s in stored_ok)
+                               for s, (_, p) in store.runs_of(plan.model, a.run_name).items() if s in stored_ok and s in plan.available)
 
 
 def _check_tokens(plan: Plan, store: Store, tokens_per_step: int | None, *, force: bool) -> None:

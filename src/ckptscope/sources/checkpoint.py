@@ -295,3 +295,29 @@ class Checkpoint:
 
     def __repr__(self) -> str:
         return f"Checkpoint(step={self.step}, path={str(self.path)!r}, format={self.format!r})"
+
+
+def is_complete(path: Path) -> bool:
+    """Whether a checkpoint directory's weights are whole: a trainer may still be writing it.
+
+    Every safetensors file has a valid header and exactly the size it declares; a shard index
+    is valid JSON and every shard it names is present and whole; a `.bin` (a zip) ends with its
+    central directory. (That the files also stay unchanged for a while is the watcher's check.)
+    """
+    import zipfile
+
+    try:
+        fmt, files = weight_files(path)
+        for file in files:
+            if fmt == "safetensors":
+                infos = _read_safetensors_header(file)
+                with open(file, "rb") as fh:
+                    data_start = 8 + struct.unpack("<Q", fh.read(8))[0]
+                end = max((i.offset + i.nbytes for i in infos), default=data_start)
+                if file.stat().st_size != end:  # a file still growing past its header, or padded: not final
+                    return False
+            elif not zipfile.is_zipfile(file):
+                return False
+    except (SourceError, OSError, struct.error):
+        return False
+    return True

@@ -29,6 +29,11 @@ class SourceSpec(Options):
     revision_pattern: str | None = option(None, help="Hub: regex with a (?P<step>...) group mapping revision names to steps.")
     keep: bool = option(False, help="Hub: keep downloaded checkpoints in the HF cache instead of evicting them.")
     cache_dir: Path | None = option(None, help="Hub: download cache [default: the HF cache].")
+    watch: bool = option(False, help="Keep following a local run: analyze each new checkpoint once it is completely written.")
+    idle_exit: float | None = option(None, help="With --watch: stop (exit 0) when no new checkpoint appeared for SECONDS.",
+                                     check=at_least(0), metavar="SECONDS")
+    watch_interval: float = option(2.0, help="With --watch: seconds between looks at the run; a new checkpoint's files "
+                                   "must stay unchanged this long.", check=at_least(0.05), metavar="SECONDS")
     group: str | None = option(None, help="Record the model as a seed replicate in this group (with --seed) "
                                           "[default: the catalog's group for seed suites].")
     seed: int | None = option(None, help="The model's seed within --group.", check=at_least(0))

@@ -8,10 +8,12 @@ Reads come back as polars DataFrames.
 from __future__ import annotations
 
 import errno
+import fcntl
 import json
 import os
 import re
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -30,6 +32,10 @@ DEMO_STORE = "ckptscope-demo.duckdb"  # what `ckptscope demo` writes
 READ_STATEMENTS = {"SELECT", "EXPLAIN"}
 SQL_BATCH_ROWS = 8192  # rows per Arrow batch read by `sql_arrow`
 CORE_RUN_TABLES = ("metric_values", "spectra", "anomalies", "runs")  # rows owned by a run, besides analyzer tables
+# How long one side waits while the other holds the file ($CKPTSCOPE_LOCK_WAIT overrides both): a reader
+# for a writer's transaction (one checkpoint's rows), a writer for readers (a report, a long query).
+READ_WAIT_S = 15.0
+WRITE_WAIT_S = 300.0
 
 
 def default_store_path() -> Path:
@@ -54,13 +60,26 @@ class Store:
     `Store(path)` opens (creating if needed) for writing; `Store(path, read_only=True)` opens an
     existing store for queries and refuses any statement that is not a read; `sandbox=True` (with
     read_only) also denies queries any file but the store (`read_csv`, `glob`, ...), for `ckptscope serve`.
+
+    DuckDB lets one process hold a file for writing and then no other process may open it, so
+    neither side keeps it open: a writer connects for each transaction (one checkpoint's rows)
+    and a reader for each query, each waiting briefly while the other side holds the file
+    (`on_wait` hears about it). `with Store(path, read_only=True) as db:` holds one read
+    connection for the block (a consistent snapshot, one open for many queries), so keep such
+    blocks short while an ingest runs. Writers exclude each other through `<store>.lock`
+    (see `WriterLock`), held for the writable `Store`'s life.
     """
 
     def __init__(self, path: Path | str | None = None, *, read_only: bool = False, sandbox: bool = False) -> None:
         self.path = Path(path) if path is not None else default_store_path()
         if sandbox and not read_only:
             raise ValueError("sandbox=True needs read_only=True")
-        self.read_only = read_only
+        self.read_only, self.sandbox = read_only, sandbox
+        self.on_wait: Callable[[str | None], None] | None = None  # told "waiting for …" while locked out, then None
+        self.lock_wait_s = 0.0  # total time spent waiting for other processes to let go of the file
+        self._con: duckdb.DuckDBPyConnection | None = None
+        self._held: Iterator | None = None  # the session a `with` block or `.con` keeps open
+        self._lock: WriterLock | None = None
         if read_only and not self.path.exists():
             raise StoreError(f"store {self.path} does not exist; create it with `ckptscope ingest SOURCE`, or pass --store STORE "
                              f"(`ckptscope demo` creates {DEMO_STORE}: pass --store {DEMO_STORE})")
@@ -68,44 +87,107 @@ class Store:
             raise StoreError(f"store {self.path} is a directory; pass a file path with --store")
         if not read_only and not os.access(self.path.resolve().parent, os.W_OK):  # found before any work, not at the first commit
             raise StoreError(f"cannot write store {self.path}: {self._not_writable()}")
+        if not read_only:
+            self._lock = WriterLock.acquire(self.path)
         try:
-            # Read-only means no side effects at all: no extension downloads triggered by a SELECT.
-            # A new file is written in a storage format DuckDB >= 1.1 reads (CLI, R, DBeaver), not
-            # the newest one, which only the newest DuckDB opens. An existing file keeps its format.
-            config = ({"autoinstall_known_extensions": False, "autoload_known_extensions": False} if read_only
-                      else {"storage_compatibility_version": STORAGE_COMPATIBILITY})
-            if sandbox:  # queries from the network (`ckptscope serve`) must not read or list other files
-                config["enable_external_access"] = False
-            self.con = duckdb.connect(str(self.path), read_only=read_only, config=config)
-        except duckdb.IOException as exc:
-            msg = _one_line(exc)
-            if "lock" in msg.lower():
-                pid = re.search(r"PID (\d+)", msg)
-                who = f" (PID {pid.group(1)})" if pid else ""
-                raise StoreError(f"store {self.path} is locked by another process{who}; wait for it to finish or use another --store") from None
-            if "permission denied" in msg.lower():
-                raise StoreError(f"cannot open store {self.path}: {msg}; {self._not_writable()}") from None
-            raise StoreError(f"cannot open store {self.path}: {msg}") from None
-        except duckdb.Error as exc:
-            raise StoreError(f"cannot open store {self.path}: {_one_line(exc)}; is it a ckptscope DuckDB file?") from None
-        self._opened = os.stat(self.path)
-        try:
-            if read_only:
-                self._check_version()
-            else:
-                try:
-                    self._migrate()
-                except duckdb.Error as exc:  # a new store's schema is its first write
-                    raise self._write_error(exc) from None
+            with self._session():
+                self._opened = os.stat(self.path)
+                if read_only:
+                    self._check_version()
+                else:
+                    try:
+                        self._migrate()
+                    except duckdb.Error as exc:  # a new store's schema is its first write
+                        raise self._write_error(exc) from None
         except BaseException:
-            self.con.close()
+            self.close()
             raise
+
+    def _connect(self) -> duckdb.DuckDBPyConnection:
+        """Open the file, waiting (up to READ_WAIT_S / WRITE_WAIT_S) while another process holds it."""
+        # Read-only means no side effects at all: no extension downloads triggered by a SELECT.
+        # A new file is written in a storage format DuckDB >= 1.1 reads (CLI, R, DBeaver), not
+        # the newest one, which only the newest DuckDB opens. An existing file keeps its format.
+        config = ({"autoinstall_known_extensions": False, "autoload_known_extensions": False} if self.read_only
+                  else {"storage_compatibility_version": STORAGE_COMPATIBILITY})
+        if self.sandbox:  # queries from the network (`ckptscope serve`) must not read or list other files
+            config["enable_external_access"] = False
+        limit = float(os.environ.get("CKPTSCOPE_LOCK_WAIT") or (READ_WAIT_S if self.read_only else WRITE_WAIT_S))
+        started, pause, told, locked_out = time.monotonic(), 0.01, False, False
+        while True:
+            try:
+                con = duckdb.connect(str(self.path), read_only=self.read_only, config=config)
+                break
+            except (duckdb.IOException, duckdb.ConnectionException) as exc:
+                msg = _one_line(exc)
+                # another process holds the file, or this one holds it in the other mode (a reader kept open in a notebook)
+                if "lock" not in msg.lower() and "different configuration" not in msg:
+                    if "permission denied" in msg.lower():
+                        raise StoreError(f"cannot open store {self.path}: {msg}; {self._not_writable()}") from None
+                    raise StoreError(f"cannot open store {self.path}: {msg}") from None
+                locked_out = True
+                pid = re.search(r"PID (\d+)", msg)
+                who = f" (PID {pid.group(1)})" if pid else " (this process)" if "different configuration" in msg else ""
+                waited = time.monotonic() - started
+                if waited >= limit:
+                    self._tell(None) if told else None
+                    raise StoreError(f"store {self.path} is locked by another process{who} for {waited:.0f} s; wait for it "
+                                     "to finish or use another --store") from None
+                if not told and waited >= 0.5:  # a short wait is the normal case: say nothing
+                    self._tell(f"waiting for store lock held by another process{who}")
+                    told = True
+                time.sleep(pause)
+                pause = min(pause * 2, 0.25)
+            except duckdb.Error as exc:
+                raise StoreError(f"cannot open store {self.path}: {_one_line(exc)}; is it a ckptscope DuckDB file?") from None
+        if locked_out:
+            self.lock_wait_s += time.monotonic() - started
+        if told:
+            self._tell(None)
+        return con
+
+    def _tell(self, message: str | None) -> None:
+        if self.on_wait is not None:
+            self.on_wait(message)
+
+    @contextmanager
+    def _session(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        """A connection for the block: the one already open (nested calls, `with`), else a new one closed after."""
+        if self._con is not None:
+            yield self._con
+            return
+        self._con = self._connect()
+        try:
+            yield self._con
+        finally:
+            con, self._con = self._con, None
+            con.close()
+
+    @property
+    def con(self) -> duckdb.DuckDBPyConnection:
+        """The raw DuckDB connection, for what the methods do not cover; it stays open (holding the file,
+        so an ingest's writes wait) until `close()`."""
+        if self._con is None:
+            self._hold()
+        return self._con
+
+    def _hold(self) -> None:
+        self._held = self._session()
+        self._held.__enter__()
 
     # -- lifecycle -------------------------------------------------------------------------
     def close(self) -> None:
-        self.con.close()
+        """Close any connection held and, for a writer, give up the writer lock."""
+        held, self._held = self._held, None
+        if held is not None:
+            held.__exit__(None, None, None)
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     def __enter__(self) -> Store:
+        if self.read_only and self._con is None:  # one snapshot for the block; a writer still connects per transaction
+            self._hold()
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -113,17 +195,18 @@ class Store:
 
     def _scalar(self, query: str, params: list | None = None):
         """First value of the first row; fetches everything (DuckDB 2 rejects half-read results)."""
-        rows = self.con.execute(query, params or []).fetchall()
+        with self._session() as con:
+            rows = con.execute(query, params or []).fetchall()
         return rows[0][0] if rows else None
 
     def _migrate(self) -> None:
         """Bring the store up to date (one transaction); an up-to-date store is left byte-identical."""
         self._check_version()
-        migrations.migrate(self.con)  # a DuckDB error here is a failed write: see __init__
+        migrations.migrate(self._con)  # a DuckDB error here is a failed write: see __init__
 
     def _check_version(self) -> None:
         try:
-            done = migrations.applied(self.con)
+            done = migrations.applied(self._con)
         except duckdb.Error as exc:
             raise StoreError(f"cannot read store {self.path}: {_one_line(exc)}") from None
         if done is None:
@@ -137,13 +220,14 @@ class Store:
     # -- reading ---------------------------------------------------------------------------
     def sql(self, query: str, params: list | None = None) -> pl.DataFrame:
         """Run one query and return its result; on a read-only store only reads are allowed."""
-        if self.read_only:
-            self._refuse_writes(query)
-        try:
-            rel = self.con.sql(query, params=params or None)
-            return pl.DataFrame() if rel is None else pl.from_arrow(rel.to_arrow_table())
-        except duckdb.Error as exc:
-            raise StoreError(f"query failed: {_one_line(exc)}") from None
+        with self._session() as con:
+            if self.read_only:
+                self._refuse_writes(query)
+            try:
+                rel = con.sql(query, params=params or None)
+                return pl.DataFrame() if rel is None else pl.from_arrow(rel.to_arrow_table())
+            except duckdb.Error as exc:
+                raise StoreError(f"query failed: {_one_line(exc)}") from None
 
     def sql_arrow(self, query: str, *, max_rows: int | None = None, max_bytes: int | None = None) -> pa.Table:
         """Like `sql` (same refusals), as an Arrow table fetched in batches, refused as soon as it
@@ -173,7 +257,7 @@ class Store:
 
     def _refuse_writes(self, query: str) -> None:
         try:
-            statements = self.con.extract_statements(query)
+            statements = self._con.extract_statements(query)
         except duckdb.Error as exc:
             raise StoreError(f"invalid SQL: {_one_line(exc)}") from None
         if not statements:
@@ -182,7 +266,7 @@ class Store:
             kind = st.type.name
             if kind == "EXPLAIN":  # EXPLAIN ANALYZE runs its statement: that one must be a read too
                 inner = re.sub(r"^\s*EXPLAIN\s+(ANALY[SZ]E\s+)?", "", st.query, flags=re.IGNORECASE)
-                kind = self.con.extract_statements(inner)[0].type.name if inner.strip() else kind
+                kind = self._con.extract_statements(inner)[0].type.name if inner.strip() else kind
             if kind not in READ_STATEMENTS - {"EXPLAIN"}:
                 raise StoreError(f"`sql` is read-only: {kind} statements are refused; use SELECT (or the Python API for changes)")
         if len(statements) > 1:
@@ -190,11 +274,12 @@ class Store:
 
     def steps_done(self, model: str, analyzer: str) -> set[int]:
         """Steps of `model` whose `analyzer` rows are already stored."""
-        rows = self.con.execute(
-            "SELECT DISTINCT r.step FROM runs r JOIN checkpoints c ON c.model = r.model AND c.step = r.step "
-            "WHERE r.model = ? AND r.analyzer = ? AND c.status = 'ok'",
-            [model, analyzer],
-        ).fetchall()
+        with self._session() as con:
+            rows = con.execute(
+                "SELECT DISTINCT r.step FROM runs r JOIN checkpoints c ON c.model = r.model AND c.step = r.step "
+                "WHERE r.model = ? AND r.analyzer = ? AND c.status = 'ok'",
+                [model, analyzer],
+            ).fetchall()
         return {r[0] for r in rows}
 
     def checkpoints(self, model: str) -> pl.DataFrame:
@@ -248,9 +333,9 @@ class Store:
         here, from the hashes stored, so it names the earliest identical step whatever order
         steps are written in (parallel executors finish them out of order).
         """
-        con = self.con
         declared = {t.name: t for _, t in tables}
         with self._transaction():
+            con = self._con
             self._ensure_tables(tables)
             if model is not None:
                 # A model's group and seed stay as stored unless this ingest names them.
@@ -320,7 +405,7 @@ class Store:
     def _mark_duplicates(self, model: str) -> None:
         """Point every checkpoint of `model` at the earliest step with the same weights, with a
         `duplicate_checkpoint` anomaly; only rows whose answer changed are touched."""
-        changed = self.con.execute(
+        changed = self._con.execute(
             """
             WITH firsts AS (SELECT content_hash, min(step) AS first FROM checkpoints
                             WHERE model = $model AND status = 'ok' AND content_hash IS NOT NULL GROUP BY content_hash)
@@ -329,8 +414,8 @@ class Store:
             WHERE c.model = $model AND dup IS DISTINCT FROM c.duplicate_of
             """, {"model": model}).fetchall()
         for step, dup, digest in changed:
-            self.con.execute("UPDATE checkpoints SET duplicate_of = ? WHERE model = ? AND step = ?", [dup, model, step])
-            self.con.execute("DELETE FROM anomalies WHERE model = ? AND step = ? AND run_id IS NULL AND kind = 'duplicate_checkpoint'",
+            self._con.execute("UPDATE checkpoints SET duplicate_of = ? WHERE model = ? AND step = ?", [dup, model, step])
+            self._con.execute("DELETE FROM anomalies WHERE model = ? AND step = ? AND run_id IS NULL AND kind = 'duplicate_checkpoint'",
                              [model, step])
             if dup is not None:
                 self._add_anomaly(model, step, None, "duplicate_checkpoint",
@@ -367,8 +452,8 @@ class Store:
 
         Used when a reference moves, e.g. `final_*` rows after a later step is ingested.
         """
-        con = self.con
         with self._transaction():
+            con = self._con
             run_id = self._scalar("SELECT run_id FROM runs WHERE model = ? AND step = ? AND analyzer = ?", [model, step, analyzer])
             con.execute(
                 f"DELETE FROM metric_values WHERE run_id = ? AND metric IN ({', '.join('?' * len(metrics))})",
@@ -384,23 +469,25 @@ class Store:
         be written (read-only directory, full disk, file deleted) raises one-line `StoreError`;
         earlier transactions stay committed."""
         self._check_still_there()
-        self.con.begin()
-        try:
-            yield
-            self.con.commit()
-        except BaseException as exc:
+        with self._session() as con:  # the file is held for this transaction only
+            con.begin()
             try:
-                self.con.rollback()
-            except duckdb.Error:  # a failed commit has already ended (and undone) the transaction
-                pass
-            if isinstance(exc, duckdb.Error):
-                raise self._write_error(exc) from None
-            raise
+                yield
+                con.commit()
+            except BaseException as exc:
+                try:
+                    con.rollback()
+                except duckdb.Error:  # a failed commit has already ended (and undone) the transaction
+                    pass
+                if isinstance(exc, duckdb.Error):
+                    raise self._write_error(exc) from None
+                raise
 
     def runs_of(self, model: str, analyzer: str) -> dict[int, tuple[str, dict]]:
         """step -> (analyzer version, parameters) of the stored runs of `analyzer` on `model`."""
-        rows = self.con.execute("SELECT step, version, parameters FROM runs WHERE model = ? AND analyzer = ?",
-                                [model, analyzer]).fetchall()
+        with self._session() as con:
+            rows = con.execute("SELECT step, version, parameters FROM runs WHERE model = ? AND analyzer = ?",
+                               [model, analyzer]).fetchall()
         return {step: (version, json.loads(params)) for step, version, params in rows}
 
     def set_tokens_per_step(self, model: str, tokens_per_step: int, *, only_missing: bool = False) -> None:
@@ -469,29 +556,30 @@ class Store:
 
 
     def _delete_step(self, model: str, step: int, analyzers: list[str]) -> None:
-        ids = [r[0] for r in self.con.execute(
+        ids = [r[0] for r in self._con.execute(
             f"SELECT run_id FROM runs WHERE model = ? AND step = ? AND analyzer IN ({', '.join('?' * len(analyzers))})",
             [model, step, *analyzers]).fetchall()]
         if ids:
             marks = ", ".join("?" * len(ids))
             for table in self.run_tables():
-                self.con.execute(f"DELETE FROM {table} WHERE run_id IN ({marks})", ids)
-        self.con.execute("DELETE FROM anomalies WHERE model = ? AND step = ? AND run_id IS NULL", [model, step])
-        self.con.execute("DELETE FROM tensors WHERE model = ? AND step = ?", [model, step])  # rewritten with the checkpoint
+                self._con.execute(f"DELETE FROM {table} WHERE run_id IN ({marks})", ids)
+        self._con.execute("DELETE FROM anomalies WHERE model = ? AND step = ? AND run_id IS NULL", [model, step])
+        self._con.execute("DELETE FROM tensors WHERE model = ? AND step = ?", [model, step])  # rewritten with the checkpoint
 
     def _add_anomaly(self, model: str, step: int, tensor: str | None, kind: str, detail: str, run_id: int | None = None) -> None:
-        self.con.execute("INSERT INTO anomalies (run_id, model, step, tensor, kind, detail) VALUES (?, ?, ?, ?, ?, ?)",
+        self._con.execute("INSERT INTO anomalies (run_id, model, step, tensor, kind, detail) VALUES (?, ?, ?, ?, ?, ?)",
                          [run_id, model, step, tensor, kind, detail])
 
     def run_tables(self) -> list[str]:
         """Every table whose rows belong to an analyzer run: the core ones and the declared ones."""
-        return [*CORE_RUN_TABLES, *(r[0] for r in self.con.execute("SELECT table_name FROM analyzer_tables").fetchall())]
+        with self._session() as con:
+            return [*CORE_RUN_TABLES, *(r[0] for r in con.execute("SELECT table_name FROM analyzer_tables").fetchall())]
 
     def _ensure_tables(self, tables: Sequence[tuple[str, Table]]) -> None:
         """Create declared tables (and their views) not in the store yet; add columns a newer
         declaration has. A column of another type is refused: that would change a public table."""
         for analyzer, table in tables:
-            have = dict(self.con.execute("SELECT column_name, data_type FROM information_schema.columns WHERE table_name = ?",
+            have = dict(self._con.execute("SELECT column_name, data_type FROM information_schema.columns WHERE table_name = ?",
                                          [table.name]).fetchall())
             owner = self._scalar("SELECT analyzer FROM analyzer_tables WHERE table_name = ?", [table.name])
             if owner is not None and owner != analyzer:
@@ -499,12 +587,12 @@ class Store:
             if have and owner is None:
                 raise StoreError(f"analyzer {analyzer} declares table {table.name!r}, which is a core table; rename it")
             if not have:
-                self.con.execute(table.ddl())
+                self._con.execute(table.ddl())
             for col, kind in table.types().items():
                 base = kind.removesuffix(" NOT NULL")
                 if col not in have:
                     if have:
-                        self.con.execute(f"ALTER TABLE {table.name} ADD COLUMN {col} {base}")
+                        self._con.execute(f"ALTER TABLE {table.name} ADD COLUMN {col} {base}")
                 elif have[col] != base and not (base == "JSON" and have[col] == "VARCHAR"):
                     raise StoreError(f"table {table.name}: column {col} is {have[col]} in the store but analyzer {analyzer} "
                                      f"declares {base}; give the analyzer a new table name")
@@ -533,8 +621,63 @@ class Store:
         batch = pa.table(data)
         cols = ", ".join(batch.column_names)
         verb = "INSERT OR REPLACE" if replace_keys else "INSERT"
-        self.con.register("_ckptscope_batch", batch)
+        self._con.register("_ckptscope_batch", batch)
         try:
-            self.con.execute(f"{verb} INTO {table} ({cols}) SELECT {cols} FROM _ckptscope_batch")
+            self._con.execute(f"{verb} INTO {table} ({cols}) SELECT {cols} FROM _ckptscope_batch")
         finally:
-            self.con.unregister("_ckptscope_batch")
+            self._con.unregister("_ckptscope_batch")
+
+
+class WriterLock:
+    """`<store>.lock`: one writer at a time, though a writer opens the store only per transaction.
+
+    An exclusive `flock` on the file, which holds the writer's PID for the error a second writer
+    shows. The kernel drops the lock when its process dies (even by kill -9), so a lock file
+    left behind is stale by construction and simply taken over. Re-entrant within a process:
+    `--watch` holds it across passes whose `Store`s take it again.
+    """
+
+    _held: dict[Path, WriterLock] = {}
+
+    def __init__(self, lock_path: Path, fd: int) -> None:
+        self.lock_path, self.fd, self.count = lock_path, fd, 1
+
+    @classmethod
+    def acquire(cls, store: Path) -> WriterLock:
+        lock_path = Path(f"{store.resolve()}.lock")
+        held = cls._held.get(lock_path)
+        if held is not None:
+            held.count += 1
+            return held
+        while True:
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                pid = os.pread(fd, 32, 0).decode(errors="replace").strip()
+                os.close(fd)
+                who = f" (PID {pid})" if pid.isdigit() else ""
+                raise StoreError(f"store {store} is being written by another process{who}; wait for it to finish "
+                                 "or use another --store") from None
+            try:  # the previous holder may have removed the file between our open and our lock: lock the one in place
+                same = os.path.samestat(os.fstat(fd), os.stat(lock_path))
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        lock = cls._held[lock_path] = cls(lock_path, fd)
+        return lock
+
+    def release(self) -> None:
+        self.count -= 1
+        if self.count:
+            return
+        del self._held[self.lock_path]
+        try:
+            self.lock_path.unlink()  # still ours: removed before the lock is dropped
+        except FileNotFoundError:
+            pass
+        os.close(self.fd)
