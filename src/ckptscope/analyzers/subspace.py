@@ -37,7 +37,7 @@ import numpy as np
 import scipy.linalg
 import torch
 
-from ckptscope.analyzers.contract import AnalysisContext, Analyzer
+from ckptscope.analyzers.contract import AnalysisContext, Analyzer, HeatmapChart, ReportSection
 from ckptscope.analyzers.spectral import CHUNK_ELEMENTS, gram
 from ckptscope.options import Options, at_least, option
 from ckptscope.rows import RunRows
@@ -168,6 +168,28 @@ class SubspaceAnalyzer(Analyzer):
             self._tensor(ctx, name, k, out)
             ctx.progress.advance()
         return out
+
+    @classmethod
+    def report_sections(cls, models: list[str]) -> list[ReportSection]:
+        """Per model, a layer × step heatmap of one rotation metric of one component, chosen in the selector."""
+        from ckptscope.reports.queries import literal
+
+        order = "['subspace_prev_left', 'subspace_prev_right', 'subspace_final_left', 'subspace_final_right']"
+
+        def sql(model: str) -> str:
+            return ("SELECT component || ' · ' || metric AS facet, step AS x, layer AS y, avg(value) AS z\n"
+                    f"FROM metrics\nWHERE model = {literal(model)} AND analyzer = 'subspace' AND layer IS NOT NULL\n"
+                    f"  AND list_contains({order}, metric)\n"
+                    f"GROUP BY component, metric, step, layer\nORDER BY component, list_position({order}, metric), step, layer")
+
+        charts = [HeatmapChart(f"{model}: subspace rotation per layer", f"Mean cos² of the principal angles between the top-k "
+                               f"singular subspaces of each layer's matrix of {model} and the same matrix at the previous "
+                               "(prev) or final step, left (output) or right (input) side, for the component and metric "
+                               "chosen above the chart: 1 = the same directions, about k/n = unrelated.", sql(model),
+                               y_title="layer", z_title="mean cos²", facet_title="component · metric") for model in models]
+        intro = ("From the `subspace` analyzer (metrics subspace_prev_* and subspace_final_*; averaged where a layer holds "
+                 "several tensors of one component). Omitted values (an undefined subspace, see the anomalies) stay empty.")
+        return [ReportSection("rotation", "Subspace rotation", intro, charts)]
 
     def __init__(self, options: Options | None = None) -> None:
         super().__init__(options)
