@@ -74,17 +74,20 @@ def context(root: Path, config: dict, step: int, previous: int, shared: dict, an
                            references={k: refs[k] for k in keys}, shared=shared)
 
 
-def timed(fn: Callable[[], object]) -> float:
-    t = time.perf_counter()
+def timed(fn: Callable[[], object]) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process, all threads): on a shared machine the CPU time is
+    the cost; the wall time also counts waiting for cores that other jobs hold."""
+    t, c = time.perf_counter(), time.process_time()
     fn()
-    return time.perf_counter() - t
+    return time.perf_counter() - t, time.process_time() - c
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", choices=sorted(SHAPES), default="160m")
     ap.add_argument("--analyzers", default=",".join(ANALYZERS), help="analyzers timed one by one (weights always runs first)")
-    ap.add_argument("--sets", default=",".join(SETS), help="analyzer sets run through ckptscope.ingest, '+'-separated")
+    ap.add_argument("--sets", default=",".join(SETS), help="analyzer sets run through ckptscope.ingest, '+'-separated "
+                    "(an empty string: none)")
     args = ap.parse_args()
     chosen = ["weights", *(a for a in args.analyzers.split(",") if a and a != "weights")]
     print(f"# {date.today()} {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
@@ -99,20 +102,21 @@ def main() -> None:
             if name == "subspace":  # a cold first step, then step 1000 with step 500's and the final bases cached
                 cold = timed(lambda: analyzer.analyze(context(root, config, STEPS["previous"], STEPS["first"], {}, analyzer)))
                 rows.append(("subspace (first step of a run, no bases cached)", cold))
+                print(f"{rows[-1][0]}: {cold[0]:.2f} s wall, {cold[1]:.2f} s CPU", flush=True)
             ctx = context(root, config, STEPS["current"], STEPS["previous"], shared, analyzer)
             label = {"mp_fit": "mp_fit (reusing weights' spectra)", "subspace": "subspace (later steps: bases cached)"}.get(name, name)
             rows.append((label, timed(lambda: analyzer.analyze(ctx))))
-            print(f"{rows[-1][0]}: {rows[-1][1]:.2f} s", flush=True)
+            print(f"{rows[-1][0]}: {rows[-1][1][0]:.2f} s wall, {rows[-1][1][1]:.2f} s CPU", flush=True)
         full = []
         for combo in (s for s in args.sets.split(",") if s):
             store = root / f"{combo}.duckdb"
             report = ckptscope.ingest(root, store=store, steps="500,1000", analyzers=combo.replace("+", ","), force=True)
             full.append((combo.replace("+", ", "), report.filter(report["step"] == STEPS["current"])["seconds"].item()))
             print(f"ingest {combo}: {full[-1][1]:.2f} s", flush=True)
-    base = rows[0][1]
-    print("\n| analyzer | seconds per step | × weights |\n| --- | --- | --- |")
-    for label, seconds in rows:
-        print(f"| {label} | {seconds:.2f} | {seconds / base:.2f} |")
+    base = rows[0][1][1]
+    print("\n| analyzer | wall s per step | CPU s per step | CPU × weights |\n| --- | --- | --- | --- |")
+    for label, (wall, cpu) in rows:
+        print(f"| {label} | {wall:.2f} | {cpu:.2f} | {cpu / base:.2f} |")
     if full:
         print("\n| analyzer set (ckptscope.ingest) | full step s | vs weights alone |\n| --- | --- | --- |")
         for label, seconds in full:
