@@ -176,3 +176,20 @@ def test_demo_suite_against_an_independent_svd():
             assert values[(name, component, f"subspace_{short}_right")] == pytest.approx(right, abs=1e-8), (name, component)
             checked += 1
     assert checked == 2 * (4 * 4 + 2 + 3 * 4)  # 4 matrices per layer, embed in/out, 3 QKV parts per layer; two references
+
+
+def test_one_instance_over_a_run_caches_bases_and_agrees(planted):
+    """An analyzer instance lives for a whole run: each checkpoint's bases are computed once and
+    reused while that checkpoint is a reference (previous, final); the values are those of fresh instances."""
+    shared = SubspaceAnalyzer(SubspaceOptions.build(subspace_k=K))
+    ckpt = {i: Checkpoint(planted[i], step=i) for i in planted}
+    for step, previous, final in ((0, None, 2), (1, 0, 2), (2, 1, None)):
+        refs = {"previous": ckpt.get(previous), "final": ckpt.get(final)}
+        ctx = AnalysisContext(checkpoint=ckpt[step], family=family(ckpt[step].config), config=ckpt[step].config, references=refs)
+        rows = shared.analyze(ctx)
+        got = {(t, c, m): v for t, c, m, v in zip(*(rows.metrics[x] for x in ("tensor", "component", "metric", "value")))}
+        fresh, fresh_rows = analyze(planted, step, previous=previous, final=final)
+        assert got == fresh and rows.anomalies == fresh_rows.anomalies
+        # only the open checkpoints' bases are kept: this step's and its references'
+        assert {key[1] for key in shared._cache} == {s for s in (step, previous, final) if s is not None}
+        assert len(shared._cache) == len({s for s in (step, previous, final) if s is not None}) * len(ckpt[step].tensors)

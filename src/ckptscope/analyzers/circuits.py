@@ -36,7 +36,7 @@ from collections import defaultdict
 
 import torch
 
-from ckptscope.analyzers.contract import AnalysisContext, Analyzer
+from ckptscope.analyzers.contract import AnalysisContext, Analyzer, HeatmapChart, ReportSection
 from ckptscope.analyzers.spectral import rank_norm_metrics
 from ckptscope.options import NoOptions
 from ckptscope.rows import RunRows
@@ -113,6 +113,24 @@ class CircuitsAnalyzer(Analyzer):
                 out.add_metrics(tensor, layer, component, {m: metrics[m] for m in METRICS if math.isfinite(metrics[m])},
                                 tier="exact", head=h)
                 out.add_spectrum(tensor, layer, component, "weight", shape, s, tier="exact", head=h)
+
+    @classmethod
+    def report_sections(cls, models: list[str]) -> list[ReportSection]:
+        """Per model, a head × step heatmap of one layer, circuit and metric, chosen in the selector."""
+        from ckptscope.reports.queries import literal
+
+        def sql(model: str) -> str:
+            return ("SELECT 'layer ' || layer || ' · ' || component || ' · ' || metric AS facet, step AS x, head AS y, value AS z\n"
+                    f"FROM metrics\nWHERE model = {literal(model)} AND analyzer = 'circuits' AND head IS NOT NULL\n"
+                    "ORDER BY layer, component, metric, step, head")
+
+        charts = [HeatmapChart(f"{model}: per-head circuits", f"One attention layer's heads of {model} over training, for the "
+                               "layer, circuit (attn.ov = W_O·W_V, attn.qk = W_Qᵀ·W_K) and metric chosen above the chart.",
+                               sql(model), y_title="head", z_title="value", facet_title="layer · circuit · metric")
+                  for model in models]
+        intro = (f"From the `circuits` analyzer: {', '.join(METRICS)} of each head's OV and QK circuit (rows with a `head`), "
+                 "as a head × step heatmap per layer.")
+        return [ReportSection("heads", "Attention heads: OV and QK circuits", intro, charts)]
 
     @staticmethod
     def _projections(ctx: AnalysisContext, names: dict[str, str]) -> tuple[torch.Tensor, ...]:

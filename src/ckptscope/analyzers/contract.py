@@ -14,7 +14,7 @@ An analyzer is one module holding one `Analyzer` subclass that declares, in one 
 * `unit`, what its progress bar counts (tensors, batches, sequences);
 * `after`, analyzers whose intermediate results (`ctx.shared`) it reuses when they run too;
 * `final_metrics` and `refresh_final(ctx)`, when some rows are measured against the final step;
-* optionally `report_sections(models)`, charts it adds to the HTML report.
+* optionally `report_sections(models)`, charts (`LineChart`, `HeatmapChart`) it adds to the HTML report.
 
 `analyze(ctx)` turns one checkpoint into `RunRows`. Built-in analyzers are the `Analyzer`
 subclasses defined in the modules of `ckptscope.analyzers`; other packages add theirs through
@@ -122,13 +122,34 @@ class LineChart:
 
 
 @dataclass(frozen=True)
+class HeatmapChart:
+    """A heatmap an analyzer adds to the report: `sql` returns columns `x`, `y` and `z` (one cell
+    each) and, optionally, `facet`: one heatmap per facet value, offered in a selector labelled
+    `facet_title`, in the order the facets first appear in the result (so the SQL's ORDER BY sets
+    the selector's order, and the first facet is shown first). Cells without a row stay empty.
+
+    `step_x`: x is a training step, drawn at log10(step + 1) and labelled with the step, as the
+    report's other step axes (step 0 keeps its place); otherwise x is drawn as is.
+    """
+
+    title: str
+    caption: str
+    sql: str
+    x_title: str = "step"
+    y_title: str = ""
+    z_title: str = ""
+    facet_title: str = "facet"
+    step_x: bool = True
+
+
+@dataclass(frozen=True)
 class ReportSection:
     """A report section of an analyzer's charts."""
 
     anchor: str
     title: str
     intro: str
-    charts: list[LineChart] = field(default_factory=list)
+    charts: list[LineChart | HeatmapChart] = field(default_factory=list)
 
 
 class Analyzer:
@@ -195,6 +216,6 @@ class Analyzer:
 
     @classmethod
     def report_sections(cls, models: list[str]) -> list[ReportSection]:
-        """Sections this analyzer adds to the HTML report of `models`: line charts defined by SQL
-        over its tables; none by default."""
+        """Sections this analyzer adds to the HTML report of `models`: line charts and heatmaps
+        defined by SQL over the store; none by default."""
         return []

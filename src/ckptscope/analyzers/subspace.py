@@ -37,7 +37,7 @@ import numpy as np
 import scipy.linalg
 import torch
 
-from ckptscope.analyzers.contract import AnalysisContext, Analyzer
+from ckptscope.analyzers.contract import AnalysisContext, Analyzer, HeatmapChart, ReportSection
 from ckptscope.analyzers.spectral import CHUNK_ELEMENTS, gram
 from ckptscope.options import Options, at_least, option
 from ckptscope.rows import RunRows
@@ -161,25 +161,54 @@ class SubspaceAnalyzer(Analyzer):
         tensors = ctx.checkpoint.tensors
         names = [n for n, info in tensors.items() if not is_buffer(n) and len(info.shape) >= 2
                  and info.dtype.startswith(("float", "bfloat"))]
+        live = {(str(c.path), c.step) for c in (ctx.checkpoint, ctx.previous, ctx.final) if c is not None}
+        self._cache = {key: v for key, v in self._cache.items() if key[:2] in live}
         ctx.progress.start(len(names))
         for name in names:
             self._tensor(ctx, name, k, out)
             ctx.progress.advance()
         return out
 
+    @classmethod
+    def report_sections(cls, models: list[str]) -> list[ReportSection]:
+        """Per model, a layer × step heatmap of one rotation metric of one component, chosen in the selector."""
+        from ckptscope.reports.queries import literal
+
+        order = "['subspace_prev_left', 'subspace_prev_right', 'subspace_final_left', 'subspace_final_right']"
+
+        def sql(model: str) -> str:
+            return ("SELECT component || ' · ' || metric AS facet, step AS x, layer AS y, avg(value) AS z\n"
+                    f"FROM metrics\nWHERE model = {literal(model)} AND analyzer = 'subspace' AND layer IS NOT NULL\n"
+                    f"  AND list_contains({order}, metric)\n"
+                    f"GROUP BY component, metric, step, layer\nORDER BY component, list_position({order}, metric), step, layer")
+
+        charts = [HeatmapChart(f"{model}: subspace rotation per layer", f"Mean cos² of the principal angles between the top-k "
+                               f"singular subspaces of each layer's matrix of {model} and the same matrix at the previous "
+                               "(prev) or final step, left (output) or right (input) side, for the component and metric "
+                               "chosen above the chart: 1 = the same directions, about k/n = unrelated.", sql(model),
+                               y_title="layer", z_title="mean cos²", facet_title="component · metric") for model in models]
+        intro = ("From the `subspace` analyzer (metrics subspace_prev_* and subspace_final_*; averaged where a layer holds "
+                 "several tensors of one component). Omitted values (an undefined subspace, see the anomalies) stay empty.")
+        return [ReportSection("rotation", "Subspace rotation", intro, charts)]
+
+    def __init__(self, options: Options | None = None) -> None:
+        super().__init__(options)
+        # (checkpoint path, step, tensor) -> (bases or None when non-finite, anomalies of computing them).
+        # A step's W_t is the next step's W_previous and W_final serves every step, so each basis is
+        # computed once per run instead of three times; only the open checkpoints' entries are kept.
+        self._cache: dict[tuple[str, int, str], tuple[dict[str, Subspaces] | None, list[tuple[str, str, str]]]] = {}
+
     def _tensor(self, ctx: AnalysisContext, name: str, k: int, out: RunRows) -> None:
         role = classify(name, ctx.family)
-        w = ctx.checkpoint.read(name)
-        if not bool(torch.isfinite(w).all()):
-            out.anomalies.append((name, "subspace_nonfinite", "NaN or ±Inf values; no subspaces compared"))
+        current = self._subspaces(ctx, ctx.checkpoint, name, role, k, out)
+        if current is None:
             return
-        current = self._bases(ctx, name, role, w, k, out)
+        shape = ctx.checkpoint.tensors[name].shape
         refs = {}
         for key in ("previous", "final"):
             ref = ctx.reference(key)
-            t = ref.read(name) if ref is not None and name in ref.tensors else None
-            refs[key] = (ref, self._bases(ctx, name, role, t, k, None) if t is not None and t.shape == w.shape
-                         and bool(torch.isfinite(t).all()) else None)
+            usable = ref is not None and name in ref.tensors and ref.tensors[name].shape == shape
+            refs[key] = (ref, self._subspaces(ctx, ref, name, role, k, None) if usable else None)
         for component, own in current.items():
             values = {"subspace_k": float(own.k), "subspace_gap": own.gap}
             if not own.defined:
@@ -189,6 +218,23 @@ class SubspaceAnalyzer(Analyzer):
                 for key, short in (("previous", "prev"), ("final", "final")):
                     values.update(self._compare(ctx, name, component, own, key, short, refs[key], out))
             out.add_metrics(name, role.layer, component, values)
+
+    def _subspaces(self, ctx: AnalysisContext, ckpt: Checkpoint, name: str, role, k: int,
+                   out: RunRows | None) -> dict[str, Subspaces] | None:
+        """The bases of tensor `name` of `ckpt` (None when it holds NaN/Inf), from the cache when
+        an earlier step computed them; their anomalies go to `out` (the step's own tensor only)."""
+        key = (str(ckpt.path), ckpt.step, name)
+        if key not in self._cache:
+            w = ckpt.read(name)
+            notes: list[tuple[str, str, str]] = []
+            if bool(torch.isfinite(w).all()):
+                self._cache[key] = (self._bases(ctx, name, role, w, k, notes), notes)
+            else:
+                self._cache[key] = (None, [(name, "subspace_nonfinite", "NaN or ±Inf values; no subspaces compared")])
+        bases, notes = self._cache[key]
+        if out is not None:
+            out.anomalies.extend(notes)
+        return bases
 
     @staticmethod
     def _compare(ctx: AnalysisContext, name: str, component: str, own: Subspaces, key: str, short: str,
@@ -210,7 +256,7 @@ class SubspaceAnalyzer(Analyzer):
                 f"subspace_gap_{short}": min(own.gap, other.gap)}
 
     @staticmethod
-    def _bases(ctx: AnalysisContext, name: str, role, w: torch.Tensor, k: int, out: RunRows | None) -> dict[str, Subspaces]:
+    def _bases(ctx: AnalysisContext, name: str, role, w: torch.Tensor, k: int, notes: list[tuple[str, str, str]]) -> dict[str, Subspaces]:
         """Subspaces of the matrix as the weight analyzer orients it and, for fused QKV, of its q/k/v parts."""
         m = orient(name, ctx.family, w).to(ctx.device)
         m = m.reshape(m.shape[0], -1) if m.dim() > 2 else m
@@ -219,8 +265,7 @@ class SubspaceAnalyzer(Analyzer):
             try:
                 parts = split_qkv(role, ctx.family, m, ctx.config)
             except ValueError as exc:  # config and shapes disagree: the fused matrix is still analyzed
-                if out is not None:
-                    out.anomalies.append((name, "qkv_not_split", str(exc)))
+                notes.append((name, "qkv_not_split", str(exc)))
         grams = {c: gram(p, mirror=False) for c, p in parts}
         # The parts partition the fused matrix's rows; when both are tall their Grams WᵀW add up.
         fused_gram = sum(grams.values()) if parts and all(p.shape[0] >= p.shape[1] for _, p in parts) \

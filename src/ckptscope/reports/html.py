@@ -193,6 +193,7 @@ class _Builder:
     def _analyzer_sections(self) -> list[Section]:
         """Sections that the analyzers which ran on the selected models contribute (`report_sections`)."""
         from ckptscope.analyzers import registry  # loads analyzer modules: only when a report is built
+        from ckptscope.analyzers.contract import HeatmapChart
 
         ran = self.db.sql(f"SELECT DISTINCT analyzer FROM runs WHERE {q.in_list('model', self.sel.models)} ORDER BY analyzer")
         out = []
@@ -202,7 +203,7 @@ class _Builder:
             except CkptscopeError:  # rows of an analyzer no longer installed still show in the other sections
                 continue
             for extra in cls.report_sections(self.sel.models):
-                charts = [self._line_chart(c) for c in extra.charts]
+                charts = [self._heatmap_chart(c) if isinstance(c, HeatmapChart) else self._line_chart(c) for c in extra.charts]
                 out.append(Section(f"{name}-{extra.anchor}", extra.title, extra.intro, [c for c in charts if c is not None]))
         return out
 
@@ -233,6 +234,27 @@ ORDER BY model, step"""
                             "one line per model.", [sql], {"type": "training", "series": series})
         intro = "The scalars a Hugging Face Trainer logged while training, from the `training_log` table."
         return Section("training", "Training log", intro, [chart])
+
+    def _heatmap_chart(self, chart: Any) -> Chart | None:
+        """A `ckptscope.analyzers.contract.HeatmapChart`, run and drawn: one x × y grid per facet."""
+        df = self.db.sql(chart.sql).drop_nulls(["x", "y"])
+        if not df.height:
+            return None
+        faceted = "facet" in df.columns
+        if not faceted:
+            df = df.with_columns(facet=pl.lit(""))
+        facets = []
+        for (facet,), g in df.partition_by("facet", as_dict=True, maintain_order=True).items():
+            xs, ys = sorted(g["x"].unique().to_list()), sorted(g["y"].unique().to_list())
+            col, row = {x: i for i, x in enumerate(xs)}, {y: i for i, y in enumerate(ys)}
+            z: list[list[float | None]] = [[None] * len(xs) for _ in ys]
+            for x, y, value in zip(g["x"].to_list(), g["y"].to_list(), _floats(g["z"])):
+                z[row[y]][col[x]] = value
+            facets.append({"name": str(facet), "x": xs, "y": ys, "z": z})
+        spec = {"type": "heatmap", "facets": facets, "x_title": chart.x_title, "y_title": chart.y_title,
+                "z_title": chart.z_title, "step_x": chart.step_x}
+        return self._chart(chart.title, chart.caption, [chart.sql], spec, choices=[f["name"] for f in facets] if faceted else [],
+                           choice_name=chart.facet_title)
 
     def _model_section(self, model: str) -> Section:
         charts = [c for metric in self.sel.metrics
@@ -394,6 +416,9 @@ ORDER BY model, step"""
         hist_sql, fit_sql = q.spectrum_sql(model, comps, steps), q.spectrum_fit_sql(model, comps, steps)
         hist, fit = self.db.sql(hist_sql), self.db.sql(fit_sql)
         fits = {(r["tensor"], r["component"], r["step"]): r for r in fit.iter_rows(named=True)}
+        mp_sql = q.spectrum_mp_sql(model, comps, steps)  # rows only where the mp_fit analyzer ran
+        mp = self.db.sql(mp_sql)
+        mps = {(r["tensor"], r["component"], r["step"]): _mp_overlay(r) for r in mp.iter_rows(named=True)}
         per_matrix: dict[tuple[str, str], list[dict[str, Any]]] = {}
         for (tensor, component, step), g in hist.partition_by("tensor", "component", "step", as_dict=True,
                                                                maintain_order=True).items():
@@ -401,16 +426,19 @@ ORDER BY model, step"""
             per_matrix.setdefault((tensor, component), []).append({
                 "step": step, "tokens": f.get("tokens"), "eigenvalue": _floats(g["eigenvalue"], 4),
                 "density": _floats(g["density"], 4), "total": g["total"][0], "ev_max": g["ev_max"][0],
-                "alpha": _finite(f.get("alpha")), "xmin": _finite(f.get("alpha_xmin")), "n_tail": _finite(f.get("num_pl_spikes"))})
+                "alpha": _finite(f.get("alpha")), "xmin": _finite(f.get("alpha_xmin")), "n_tail": _finite(f.get("num_pl_spikes")),
+                "mp": mps.get((tensor, component, step))})
         rows = [r for r in candidates.iter_rows(named=True) if (r["tensor"], r["component"]) in per_matrix]
         matrices = [{"tensor": r["tensor"], "component": r["component"], "layer": r["layer"],
                      "steps": per_matrix[(r["tensor"], r["component"])]} for r in rows]
         picked = _pick_tensor(candidates)
         chosen = rows.index(picked) if picked in rows else 0
         spec = {"type": "spectrum", "model": model, "matrices": matrices}
+        mp_caption = ("; dotted: the Marchenko–Pastur bulk fitted by `mp_fit`, with the eigenvalues above its edge "
+                      "bulk_max (spikes) marked by triangles at the top") if mps else ""
         return self._chart(f"{model}: eigenvalue spectra",
                            f"Eigenvalue density of the chosen matrix at steps {', '.join(map(str, steps))}; "
-                           "dashed: fitted power-law tail.", [hist_sql, fit_sql], spec,
+                           f"dashed: fitted power-law tail{mp_caption}.", [hist_sql, fit_sql, *([mp_sql] if mps else [])], spec,
                            choices=[f"{r['tensor']} ({r['component']})" for r in rows], choice_name="matrix", chosen=chosen)
 
 
@@ -567,6 +595,22 @@ def _cell_order(key: tuple) -> tuple:
 
 def _cell_label(layer: int | None, component: str, tensor: str, head: int | None) -> str:
     return f"{tensor} ({component})" + (f" head {head}" if head is not None else "")
+
+
+def _mp_overlay(row: dict[str, Any]) -> dict[str, Any] | None:
+    """What report.js needs to draw the MP bulk of one matrix and step, in the chart's units (λ = σ²).
+
+    mp_fit fits σ_mp to the spectrum rescaled to mean 1 (λ̃ = λ·W², W² = number of eigenvalues / Σλ)
+    and stores bulk_min/bulk_max back in λ units, so the bulk drawn is ρ_MP(λ; σ² = σ_mp²/W², Q):
+    its edges (σ(1 ∓ Q^−½))² are the stored bulk_min/bulk_max, and being a probability density
+    it is on the same scale as the histogram's (eigenvalues per unit λ / their number).
+    """
+    values = [_finite(row[k]) for k in ("sigma_mp", "w_scale2", "q", "bulk_min", "bulk_max")]
+    if any(v is None for v in values) or not values[1] > 0:
+        return None
+    sigma_mp, w_scale2, q_ratio, bulk_min, bulk_max = values
+    return {"sigma2": sigma_mp**2 / w_scale2, "q": q_ratio, "sigma_mp": sigma_mp, "bulk_min": bulk_min, "bulk_max": bulk_max,
+            "num_spikes": row["num_spikes"], "above": row["above"], "spikes": _floats(pl.Series(row["spikes"] or [], dtype=pl.Float64), 6)}
 
 
 def _pick_tensor(candidates: pl.DataFrame) -> dict[str, Any]:

@@ -340,3 +340,36 @@ def profile_summary_sql(model: str, outcome: str, control: str, kind: str | None
 FROM memorization_profile_summary
 WHERE {_profile_where(model, outcome, control)}{only}
 ORDER BY CASE kind WHEN 'instantaneous' THEN 0 WHEN 'persistent' THEN 1 ELSE 2 END, event_time"""
+
+
+SPIKES_SHOWN = 64  # the largest eigenvalues above bulk_max marked per matrix and step
+
+
+def spectrum_mp_sql(model: str, components: Sequence[str] | None, steps: Sequence[int]) -> str:
+    """The Marchenko–Pastur fit of `mp_fit` per matrix and step, with what drawing it needs from the
+    stored spectrum: Q = long/short side, W² = number of eigenvalues / Σλ (mp_fit's rescaling), and
+    the eigenvalues above bulk_max (their number, and the largest SPIKES_SHOWN)."""
+    return f"""WITH fit AS (
+  SELECT tensor, component, step,
+         max(value) FILTER (WHERE metric = 'sigma_mp') AS sigma_mp,
+         max(value) FILTER (WHERE metric = 'bulk_min') AS bulk_min,
+         max(value) FILTER (WHERE metric = 'bulk_max') AS bulk_max,
+         max(value) FILTER (WHERE metric = 'num_spikes') AS num_spikes
+  FROM metrics
+  WHERE model = {literal(model)} AND analyzer = 'mp_fit' AND head IS NULL
+    AND metric IN ('sigma_mp', 'bulk_min', 'bulk_max', 'num_spikes') AND {in_list('step', steps)}{_component_filter(components)}
+  GROUP BY tensor, component, step
+), eigen AS (
+  SELECT tensor, component, step, greatest(rows, cols) / least(rows, cols) AS q,
+         list_transform(sv, lambda s: s * s) AS ev
+  FROM spectra
+  WHERE model = {literal(model)} AND kind = 'weight' AND head IS NULL AND tier = 'exact'
+    AND {in_list('step', steps)}{_component_filter(components)}
+)
+SELECT tensor, component, step, sigma_mp, bulk_min, bulk_max, num_spikes, q,
+       len(ev) / list_sum(ev) AS w_scale2,
+       len(list_filter(ev, lambda e: e > bulk_max)) AS above,
+       list_slice(list_reverse_sort(list_filter(ev, lambda e: e > bulk_max)), 1, {SPIKES_SHOWN}) AS spikes
+FROM fit JOIN eigen USING (tensor, component, step)
+WHERE sigma_mp IS NOT NULL AND bulk_max IS NOT NULL
+ORDER BY tensor, component, step"""

@@ -259,9 +259,60 @@
           hovertemplate: `${head}fit: α = ${s.alpha.toFixed(3)}, x_min = ${s.xmin.toPrecision(3)}<br>density: %{y:.4g}<extra></extra>`,
         });
       });
+      const yaxis = logAxis("density", traces.flatMap((t) => t.y));  // before the spike marks, drawn on a 0–1 axis
+      matrix.steps.forEach((s, i) => { if (s.mp) traces.push(...mpTraces(s, i, depthColor(n > 1 ? i / (n - 1) : 0))); });
       react(plotDiv(chart, 0), traces, baseLayout({
-        height: 400, xaxis: logAxis("eigenvalue λ = σ²", traces.flatMap((t) => t.x)),
-        yaxis: logAxis("density", traces.flatMap((t) => t.y)),
+        height: 400, xaxis: logAxis("eigenvalue λ = σ²", traces.flatMap((t) => t.x)), yaxis,
+        yaxis2: {overlaying: "y", range: [0, 1], visible: false, fixedrange: true},
+      }));
+    });
+  }
+
+  // The Marchenko–Pastur bulk fitted by mp_fit, in λ units (html.py's _mp_overlay): density
+  // Q·√((b − λ)(λ − a)) / (2π σ² λ) on [a, b] = [(σ(1 − Q^−½))², (σ(1 + Q^−½))²], sampled densely near
+  // both edges; and the eigenvalues above b (the largest sent) as triangles along the top.
+  function mpTraces(s, i, col) {
+    const {sigma2, q} = s.mp;
+    const a = sigma2 * (1 - 1 / Math.sqrt(q)) ** 2, b = sigma2 * (1 + 1 / Math.sqrt(q)) ** 2;
+    const lo = a > 0 ? a : b * 1e-3;  // Q = 1: the bulk reaches 0, where a log axis cannot
+    const xs = Array.from({length: 80}, (_, k) => lo + ((b - lo) * (1 - Math.cos((Math.PI * (k + 0.5)) / 80))) / 2);
+    const fit = `σ_mp = ${s.mp.sigma_mp.toPrecision(4)} (of the spectrum scaled to mean 1), Q = ${s.mp.q.toPrecision(4)}` +
+      `<br>bulk: ${s.mp.bulk_min.toPrecision(4)} – ${s.mp.bulk_max.toPrecision(4)}<br>num_spikes: ${int(s.mp.num_spikes)}`;
+    const head = `step: ${int(s.step)}<br>${fit}<br>`;
+    const traces = [{
+      type: "scatter", mode: "lines", x: xs, y: xs.map((x) => (q * Math.sqrt(Math.max(0, (b - x) * (x - a)))) / (2 * Math.PI * sigma2 * x)),
+      name: `MP bulk σ_mp=${s.mp.sigma_mp.toFixed(2)}`, legendgroup: `s${i}`, line: {color: col, dash: "dot", width: 2},
+      hovertemplate: `${head}λ: %{x:.4g}<br>MP density: %{y:.4g}<extra></extra>`,
+    }];
+    if (s.mp.spikes.length) {
+      const more = s.mp.above > s.mp.spikes.length ? ` (largest ${s.mp.spikes.length} marked)` : "";
+      traces.push({
+        type: "scatter", mode: "markers", x: s.mp.spikes, y: s.mp.spikes.map(() => 0.97), yaxis: "y2",
+        name: `${int(s.mp.above)} above bulk_max${more}`, legendgroup: `s${i}`,
+        marker: {symbol: "triangle-down", size: 9, color: col, line: {color: "#333", width: 0.5}},
+        hovertemplate: `${head}spike λ: %{x:.4g}<extra></extra>`,
+      });
+    }
+    return traces;
+  }
+
+  // Heatmaps that analyzers contribute (HeatmapChart): one x × y grid per facet, chosen in the selector.
+  function drawHeatmap(chart) {
+    withChoice(chart, (f) => {
+      const facet = chart.facets[f];
+      const x = chart.step_x ? facet.x.map(logStep) : facet.x;
+      const label = chart.step_x ? facet.x.map(int) : facet.x;
+      const numeric = facet.y.every((y) => typeof y === "number");
+      const heat = {
+        type: "heatmap", x, y: numeric ? facet.y : facet.y.map(esc), z: facet.z, customdata: facet.y.map(() => label),
+        colorscale: "Viridis", hoverongaps: false, colorbar: {title: {text: esc(chart.z_title), side: "right"}, thickness: 12},
+        hovertemplate: `${facet.name ? esc(facet.name) + "<br>" : ""}${esc(chart.x_title)}: %{customdata}` +
+          `<br>${esc(chart.y_title)}: %{y}<br>${esc(chart.z_title)}: %{z:.4g}<extra></extra>`,
+      };
+      const yaxis = {title: {text: esc(chart.y_title)}, dtick: numeric && facet.y.length <= 32 ? 1 : undefined, automargin: true};
+      react(plotDiv(chart, 0), [heat], baseLayout({
+        height: 120 + Math.min(560, Math.max(220, 18 * facet.y.length)),
+        xaxis: chart.step_x ? stepAxis(facet.x) : {title: {text: esc(chart.x_title)}}, yaxis,
       }));
     });
   }
@@ -447,7 +498,7 @@
   const DRAW = {layers: drawLayers, compare: drawCompare, checkpoints: drawCheckpoints, stabilization: drawStabilization,
     memorization: drawMemorization, spectrum: drawSpectrum, tensors: drawTensors, lines: drawLines, training: drawTraining,
     seedband: drawSeedBand, seeddiff: drawSeedDiff, seedcka: drawSeedCka, phases: drawPhases,
-    profile_cells: drawProfileCells, profile_event: drawProfileEvent, profile_summary: drawProfileSummary};
+    profile_cells: drawProfileCells, profile_event: drawProfileEvent, profile_summary: drawProfileSummary, heatmap: drawHeatmap};
 
   // Printing lays the page out at paper width, but each chart was drawn at the window's width: before
   // printing, narrower charts are redrawn to fit the paper (synchronously), and after it, to fit the window.
