@@ -228,14 +228,14 @@ def spectrum_candidates_sql(model: str, components: Sequence[str] | None) -> str
     """Every matrix of `model` with a stored spectrum, with and without a layer; the report offers each."""
     return f"""SELECT tensor, component, layer, count(DISTINCT step) AS steps
 FROM spectra
-WHERE model = {literal(model)} AND kind = 'weight' AND head IS NULL{_component_filter(components)}
+WHERE model = {literal(model)} AND kind = 'weight'{_component_filter(components)}
 GROUP BY tensor, component, layer
 ORDER BY layer NULLS FIRST, component, tensor"""
 
 
 def spectrum_steps_sql(model: str, components: Sequence[str] | None) -> str:
     return f"""SELECT DISTINCT step FROM spectra
-WHERE model = {literal(model)} AND kind = 'weight' AND head IS NULL{_component_filter(components)}
+WHERE model = {literal(model)} AND kind = 'weight'{_component_filter(components)}
 ORDER BY step"""
 
 
@@ -245,7 +245,7 @@ def spectrum_sql(model: str, components: Sequence[str] | None, steps: Sequence[i
     return f"""WITH eigen AS (
   SELECT tensor, component, step, unnest(sv) ^ 2 AS ev
   FROM spectra
-  WHERE model = {literal(model)} AND kind = 'weight' AND head IS NULL AND {in_list('step', steps)}{_component_filter(components)}
+  WHERE model = {literal(model)} AND kind = 'weight' AND {in_list('step', steps)}{_component_filter(components)}
 ), bins AS (
   SELECT tensor, component, step, floor(log10(ev) * {b}) AS bin, count(*) AS n
   FROM eigen WHERE ev > 0 GROUP BY tensor, component, step, bin
@@ -363,7 +363,7 @@ def spectrum_mp_sql(model: str, components: Sequence[str] | None, steps: Sequenc
   SELECT tensor, component, step, greatest(rows, cols) / least(rows, cols) AS q,
          list_transform(sv, lambda s: s * s) AS ev
   FROM spectra
-  WHERE model = {literal(model)} AND kind = 'weight' AND head IS NULL AND head IS NULL AND tier = 'exact'
+  WHERE model = {literal(model)} AND kind = 'weight' AND head IS NULL AND tier = 'exact'
     AND {in_list('step', steps)}{_component_filter(components)}
 )
 SELECT tensor, component, step, sigma_mp, bulk_min, bulk_max, num_spikes, q,
