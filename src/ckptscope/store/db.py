@@ -156,6 +156,8 @@ class Store:
         if self._con is not None:
             yield self._con
             return
+        if hasattr(self, "_opened"):  # reconnecting: DuckDB would silently create a new, empty file where it was deleted
+            self._check_still_there()
         self._con = self._connect()
         try:
             yield self._con
@@ -678,6 +680,6 @@ class WriterLock:
         del self._held[self.lock_path]
         try:
             self.lock_path.unlink()  # still ours: removed before the lock is dropped
-        except FileNotFoundError:
+        except OSError:  # gone, or its directory turned read-only: the flock is dropped below all the same
             pass
         os.close(self.fd)
