@@ -88,7 +88,10 @@ def test_watch_follows_a_run_that_deletes_old_checkpoints(states, tmp_path):
                                env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     trainer = subprocess.Popen([sys.executable, "-c", TRAINER, full, run, store], env=ENV)
     try:
-        time.sleep(1)
+        lock = Path(f"{store.resolve()}.lock")
+        deadline = time.monotonic() + 120  # the watcher holds the writer lock once started (its imports take seconds)
+        while not lock.exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
         second = subprocess.run(cli("ingest", full, "--store", store), env=ENV, capture_output=True, text=True, timeout=120)
         assert second.returncode == 1 and f"being written by another process (PID {watcher.pid})" in second.stderr
         trained = trainer.wait(timeout=300)

@@ -234,28 +234,31 @@ class Store:
     def sql_arrow(self, query: str, *, max_rows: int | None = None, max_bytes: int | None = None) -> pa.Table:
         """Like `sql` (same refusals), as an Arrow table fetched in batches, refused as soon as it
         passes `max_rows` rows or `max_bytes` bytes: a server's bound on what one query may take."""
-        if self.read_only:
-            self._refuse_writes(query)
-        try:
-            rel = self.con.sql(query)
-            stream = rel.to_arrow_reader if hasattr(rel, "to_arrow_reader") else rel.fetch_record_batch  # newer DuckDB : older (deprecated since)
-            reader = stream(SQL_BATCH_ROWS)
-            batches, rows, size = [], 0, 0
-            for batch in reader:
-                rows, size = rows + batch.num_rows, size + batch.nbytes
-                if max_rows is not None and rows > max_rows:
-                    raise StoreError(f"the result has more than {max_rows:,} rows, the limit here; add LIMIT or aggregate")
-                if max_bytes is not None and size > max_bytes:
-                    raise StoreError(f"the result is larger than {max_bytes / 2**20:g} MiB, the limit here; "
-                                     "select fewer columns or rows")
-                batches.append(batch)
-            return pa.Table.from_batches(batches, reader.schema)
-        except (duckdb.Error, pa.ArrowIOError) as exc:  # an error while streaming comes through Arrow
-            raise StoreError(f"query failed: {_one_line(exc)}") from None
+        with self._session() as con:  # interrupt() acts on this connection while the query runs
+            if self.read_only:
+                self._refuse_writes(query)
+            try:
+                rel = con.sql(query)
+                stream = rel.to_arrow_reader if hasattr(rel, "to_arrow_reader") else rel.fetch_record_batch  # newer DuckDB : older (deprecated since)
+                reader = stream(SQL_BATCH_ROWS)
+                batches, rows, size = [], 0, 0
+                for batch in reader:
+                    rows, size = rows + batch.num_rows, size + batch.nbytes
+                    if max_rows is not None and rows > max_rows:
+                        raise StoreError(f"the result has more than {max_rows:,} rows, the limit here; add LIMIT or aggregate")
+                    if max_bytes is not None and size > max_bytes:
+                        raise StoreError(f"the result is larger than {max_bytes / 2**20:g} MiB, the limit here; "
+                                         "select fewer columns or rows")
+                    batches.append(batch)
+                return pa.Table.from_batches(batches, reader.schema)
+            except (duckdb.Error, pa.ArrowIOError) as exc:  # an error while streaming comes through Arrow
+                raise StoreError(f"query failed: {_one_line(exc)}") from None
 
     def interrupt(self) -> None:
         """Cancel the query running on this store (called from another thread: a server's time limit)."""
-        self.con.interrupt()
+        con = self._con
+        if con is not None:
+            con.interrupt()
 
     def _refuse_writes(self, query: str) -> None:
         try:
