@@ -101,3 +101,15 @@ def test_worker_imports_do_not_load_duckdb():
     code = "import sys, ckptscope.rows, ckptscope.pipeline.tasks; print('duckdb' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_every_ckptscope_import_names_an_existing_module():
+    """A lazy import of a module that was renamed fails only when its function runs: find it here."""
+    found = modules()
+    missing = []
+    for name, path in found.items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            targets = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module] if isinstance(node, ast.ImportFrom) and node.module and not node.level else []
+            missing += [f"{name} imports {t}" for t in targets if t.startswith("ckptscope.") and t not in found]
+    assert missing == []

@@ -313,7 +313,7 @@ def test_reads_wait_for_a_writer_and_leave_it_room(checkpoints, tmp_path):
     still leaves gaps in which a writer that retries every 50 ms gets the file."""
     _, store = start_run(checkpoints, tmp_path, STEPS[:2])
     with served(store) as url:
-        hold = subprocess.Popen([sys.executable, "-c", "import sys, time, ckptscope; db = ckptscope.Store(sys.argv[1]); "
+        hold = subprocess.Popen([sys.executable, "-c", "import sys, time, ckptscope; db = ckptscope.Store(sys.argv[1]); db.con; "
                                  "print('held', flush=True); time.sleep(1.5)", str(store)], stdout=subprocess.PIPE, text=True)
         assert hold.stdout.readline() == "held\n"
         start = time.monotonic()

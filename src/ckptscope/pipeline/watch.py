@@ -70,7 +70,7 @@ class Follower:
 def watch(spec: SourceSpec, analyzers: list[Analyzer], executor: ExecutorSpec, *, store: Store | str | Path | None,
           force: bool, progress: bool) -> pl.DataFrame:
     """Ingest SOURCE's checkpoints as they appear until Ctrl-C or `idle_exit` seconds without a new one."""
-    from ckptscope.pipeline.ingest import REPORT_SCHEMA, IngestRun
+    from ckptscope.pipeline.driver import REPORT_SCHEMA, IngestRun
 
     if spec.steps is not None or spec.max_steps is not None:
         raise CkptscopeError("--watch analyzes every checkpoint of the run as it appears: leave out --steps and --max")
