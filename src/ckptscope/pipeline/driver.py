@@ -60,7 +60,7 @@ def ingest(source: str | Path | SourceSpec, *, analyzers: Selection = None, exec
     if spec.watch:
         from ckptscope.pipeline.watch import watch
 
-        return watch(spec, chosen, runner, store=store, force=force, progress=progress)
+        return watch(spec, chosen, runner, store=store, force=force, progress=progress, new_run=IngestRun, schema=REPORT_SCHEMA)
     return IngestRun(spec, chosen, runner, force=force, progress=progress, counterparts=others).run(store)
 
 

@@ -12,6 +12,9 @@ slips in between passes, while the store itself is opened only per transaction.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import os
 import time
 from pathlib import Path
@@ -68,10 +71,12 @@ class Follower:
 
 
 def watch(spec: SourceSpec, analyzers: list[Analyzer], executor: ExecutorSpec, *, store: Store | str | Path | None,
-          force: bool, progress: bool) -> pl.DataFrame:
-    """Ingest SOURCE's checkpoints as they appear until Ctrl-C or `idle_exit` seconds without a new one."""
-    from ckptscope.pipeline.driver import REPORT_SCHEMA, IngestRun
+          force: bool, progress: bool, new_run: Callable[..., Any], schema: dict) -> pl.DataFrame:
+    """Ingest SOURCE's checkpoints as they appear until Ctrl-C or `idle_exit` seconds without a new one.
 
+    `new_run` builds the driver's `IngestRun` and `schema` is its report's: passed in by the driver,
+    which calls this, so the two modules do not import each other.
+    """
     if spec.steps is not None or spec.max_steps is not None:
         raise CkptscopeError("--watch analyzes every checkpoint of the run as it appears: leave out --steps and --max")
     if not spec.is_local():
@@ -90,7 +95,7 @@ def watch(spec: SourceSpec, analyzers: list[Analyzer], executor: ExecutorSpec, *
             ready = follower.ready()
             new = [r for r in ready if r.step not in done]
             if new:
-                run = IngestRun(spec, analyzers, executor, force=force and not done, progress=progress)
+                run = new_run(spec, analyzers, executor, force=force and not done, progress=progress)
                 reports.append(run.run(store, source=Snapshot(root, ready)))
                 done |= {r.step for r in ready}
                 say(f"{len(done)} checkpoint{'s' * (len(done) != 1)} of {root.name} analyzed (latest: step {max(done)}); watching")
@@ -106,4 +111,4 @@ def watch(spec: SourceSpec, analyzers: list[Analyzer], executor: ExecutorSpec, *
         if lock is not None:
             lock.release()
     reports = [r for r in reports if r.height]
-    return pl.concat(reports).sort("step") if reports else pl.DataFrame(schema=REPORT_SCHEMA)
+    return pl.concat(reports).sort("step") if reports else pl.DataFrame(schema=schema)
