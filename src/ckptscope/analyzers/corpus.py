@@ -16,7 +16,6 @@ only then is it known which tokenizer that is.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from ckptscope.errors import CkptscopeError
+from ckptscope.options import file_digest
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model", "vocab.txt")
 
@@ -79,12 +79,6 @@ class Corpus:
         return self._tokenized
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(1 << 22):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def load_corpus(path: Path | str, what: str = "corpus") -> Corpus:
@@ -109,7 +103,7 @@ def load_corpus(path: Path | str, what: str = "corpus") -> Corpus:
         raise CkptscopeError(f"--{what} {path}: cannot read it ({first})") from None
     if not ids:
         raise CkptscopeError(f"--{what} {path}: the file holds no sequences")
-    return Corpus(path, file_sha256(path), ids, rows, seen, split)
+    return Corpus(path, file_digest(path), ids, rows, seen, split)
 
 
 def _token_array(value: object, where: str) -> np.ndarray:
