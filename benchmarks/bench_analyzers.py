@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import platform
+import statistics
 import tempfile
 import time
 from collections.abc import Callable
@@ -88,6 +89,7 @@ def main() -> None:
     ap.add_argument("--analyzers", default=",".join(ANALYZERS), help="analyzers timed one by one (weights always runs first)")
     ap.add_argument("--sets", default=",".join(SETS), help="analyzer sets run through ckptscope.ingest, '+'-separated "
                     "(an empty string: none)")
+    ap.add_argument("--repeats", type=int, default=1, help="runs of each set, alternating; the median is quoted")
     args = ap.parse_args()
     chosen = ["weights", *(a for a in args.analyzers.split(",") if a and a != "weights")]
     print(f"# {date.today()} {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
@@ -107,20 +109,24 @@ def main() -> None:
             label = {"mp_fit": "mp_fit (reusing weights' spectra)", "subspace": "subspace (later steps: bases cached)"}.get(name, name)
             rows.append((label, timed(lambda: analyzer.analyze(ctx))))
             print(f"{rows[-1][0]}: {rows[-1][1][0]:.2f} s wall, {rows[-1][1][1]:.2f} s CPU", flush=True)
-        full = []
-        for combo in (s for s in args.sets.split(",") if s):
-            store = root / f"{combo}.duckdb"
-            report = ckptscope.ingest(root, store=store, steps="500,1000", analyzers=combo.replace("+", ","), force=True)
-            full.append((combo.replace("+", ", "), report.filter(report["step"] == STEPS["current"])["seconds"].item()))
-            print(f"ingest {combo}: {full[-1][1]:.2f} s", flush=True)
+        combos = [s for s in args.sets.split(",") if s]
+        seconds: dict[str, list[float]] = {combo: [] for combo in combos}
+        for _ in range(args.repeats):  # alternating, so a change of load touches every set alike
+            for combo in combos:
+                store = root / f"{combo}.duckdb"
+                report = ckptscope.ingest(root, store=store, steps="500,1000", analyzers=combo.replace("+", ","), force=True)
+                seconds[combo].append(report.filter(report["step"] == STEPS["current"])["seconds"].item())
+                print(f"ingest {combo}: {seconds[combo][-1]:.2f} s", flush=True)
+        full = [(combo.replace("+", ", "), statistics.median(t), t) for combo, t in seconds.items()]
     base = rows[0][1][1]
     print("\n| analyzer | wall s per step | CPU s per step | CPU × weights |\n| --- | --- | --- | --- |")
     for label, (wall, cpu) in rows:
         print(f"| {label} | {wall:.2f} | {cpu:.2f} | {cpu / base:.2f} |")
     if full:
-        print("\n| analyzer set (ckptscope.ingest) | full step s | vs weights alone |\n| --- | --- | --- |")
-        for label, seconds in full:
-            print(f"| {label} | {seconds:.2f} | {100 * (seconds / full[0][1] - 1):+.0f}% |")
+        print(f"\n| analyzer set (ckptscope.ingest) | full step s (median of {args.repeats}) | runs s | vs {full[0][0]} |"
+              "\n| --- | --- | --- | --- |")
+        for label, median, runs in full:
+            print(f"| {label} | {median:.2f} | {', '.join(f'{t:.2f}' for t in runs)} | {100 * (median / full[0][1] - 1):+.0f}% |")
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ from ckptscope.reports import build_report
 from ckptscope.seeds import seed_intervals
 from ckptscope.store.db import Store
 from test_convergence import ref_cka, ref_cka_debiased
-from test_reports import assert_renders_cleanly, browser, open_report, report_payload, section_titles  # noqa: F401 (fixture)
+from test_reports import assert_renders_cleanly, open_report, report_payload, section_titles
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 from make_seed_suite import make_seed_suite  # noqa: E402

@@ -183,7 +183,7 @@ def test_demo_commands_run_through_bash_as_printed(demo, tmp_path):
     for command in sql:  # one line each even at 80 columns, the table right below it
         assert lines[lines.index(f"$ {command}") + 1].startswith("┏")
     printed_tables = [table_rows(block) for block in proc.stdout.split("\n$ ")[1:] if block.startswith("ckptscope sql ")]
-    assert f"try: ckptscope ls --store ckptscope-demo.duckdb" in proc.stdout
+    assert "try: ckptscope ls --store ckptscope-demo.duckdb" in proc.stdout
     env = {**os.environ, "COLUMNS": "80"}
 
     def bash(command: str) -> subprocess.CompletedProcess:

@@ -21,7 +21,7 @@ from ckptscope.cli import main
 from ckptscope.reports import build_report
 from ckptscope.sources.checkpoint import Checkpoint
 from runs import neox_state, trajectory, write_run
-from test_reports import assert_renders_cleanly, browser, open_report, report_payload  # noqa: F401  (browser: a fixture)
+from test_reports import assert_renders_cleanly, open_report, report_payload
 
 STEPS = [0, 1, 2, 4, 8]
 PLANTED = "gpt_neox.layers.1.mlp.dense_h_to_4h.weight"  # gets a rank-1 spike far above its MP bulk
@@ -116,6 +116,18 @@ def test_mp_bulk_in_spectrum_units(store, report):
     above = ev[ev > mp["bulk_max"]]
     assert mp["above"] == len(above) >= 1 and mp["spikes"] == pytest.approx(above.tolist(), rel=1e-5)
     assert above[0] == pytest.approx(SPIKE**2, rel=0.05)
+
+
+def test_spectra_chart_offers_whole_matrices_never_pooled_heads(store, report):
+    """The circuits analyzer stores a spectrum per head (`head` set); the spectra chart shows one
+    histogram per matrix, so those rows are left out of it rather than pooled per layer."""
+    [spectrum] = [c for c in report_payload(report) if c["type"] == "spectrum"]
+    with ckptscope.Store(store, read_only=True) as db:
+        whole = db.sql("SELECT DISTINCT tensor, component FROM spectra WHERE kind = 'weight' AND head IS NULL").rows()
+        per_head = db.sql("SELECT count(*) FROM spectra WHERE head IS NOT NULL").item()
+    assert per_head == 2 * 2 * 4 * len(STEPS)  # layers × circuits × heads × steps
+    assert sorted((m["tensor"], m["component"]) for m in spectrum["matrices"]) == sorted(whole)
+    assert not {m["component"] for m in spectrum["matrices"]} & {"attn.ov", "attn.qk"}
 
 
 def test_sections_drawn_in_the_browser(store, report, browser, tmp_path):

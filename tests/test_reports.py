@@ -35,7 +35,7 @@ from runs import neox_state, trajectory, write_run
 
 XSS = "<script>alert(1)</script>"
 NAN_TENSOR = "gpt_neox.layers.0.mlp.dense_4h_to_h.weight"
-CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
+from conftest import CHROMIUM
 PDFTOTEXT = shutil.which("pdftotext")
 STEP_AXIS = "step (log scale of step + 1)"  # the title of every step axis in the report
 DEMO_SUITE = Path(ckptscope.__file__).parent / "demo_suite"
@@ -175,24 +175,6 @@ return Array.from(document.querySelectorAll("div.plot"), (div) => {
   return {id: div.id, traces: (div._fullData || []).length, marks: drawn.length, width: box.width, height: box.height};
 });
 """
-
-
-@pytest.fixture(scope="module")
-def browser():
-    if not (CHROMIUM and CHROMEDRIVER):
-        pytest.skip("headless Chromium is not installed (Debian: apt-get install chromium chromium-driver)")
-    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install -e '.[test]')")
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for arg in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--window-size=1400,1000"):
-        options.add_argument(arg)
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL", "performance": "ALL"})
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
-    driver.set_script_timeout(30)
-    yield driver
-    driver.quit()
 
 
 def open_report(driver, report: Path, screenshot: Path) -> dict:

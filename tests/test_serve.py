@@ -37,7 +37,6 @@ from runs import neox_state, trajectory, write_run
 
 STEPS = [0, 1, 2, 4, 8, 16, 32]
 FIRST = 3  # steps in the store before the server starts
-CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 
 WRITER = r"""
 import shutil, sys, time
@@ -349,23 +348,6 @@ def test_reads_wait_for_a_writer_and_leave_it_room(checkpoints, tmp_path):
 
 
 # -- the live dashboard in a browser ------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def browser():
-    if not (CHROMIUM and CHROMEDRIVER):
-        pytest.skip("headless Chromium is not installed (Debian: apt-get install chromium chromium-driver)")
-    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install -e '.[test]')")
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for arg in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--window-size=1400,1000"):
-        options.add_argument(arg)
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
-    yield driver
-    driver.quit()
-
 
 CHECKPOINT_POINTS = "return document.getElementById('chart1-0').data.reduce((n, t) => n + t.x.length, 0)"
 

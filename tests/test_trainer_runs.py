@@ -20,7 +20,7 @@ import ckptscope
 from ckptscope.reports import build_report
 from ckptscope.sources.checkpoint import Checkpoint
 from runs import write_checkpoint
-from test_reports import assert_renders_cleanly, browser, open_report  # noqa: F401 (browser is a fixture)
+from test_reports import assert_renders_cleanly, open_report
 
 GPT2 = dict(n_embd=32, n_layer=2, n_head=4, vocab_size=96, n_positions=32, bos_token_id=0, eos_token_id=0)
 TRAIN_STEPS, SAVE_STEPS = 6, 2

@@ -13,7 +13,9 @@ import torch
 import ckptscope
 from ckptscope.store.migrations import MIGRATIONS
 from ckptscope.analyzers.parallel import ordered_map
+from ckptscope.reports.html import build_report
 from runs import neox_state, trajectory, write_run
+from test_reports import report_payload
 
 STEPS = [0, 1, 2, 4]
 
@@ -133,10 +135,14 @@ def test_a_v1_store_is_read_as_is_and_upgraded_on_first_write(run, tmp_path):
     con.execute("INSERT INTO runs VALUES (nextval('run_ids'), 'old', 0, 'weights', '1.0.0', '{}', 'float64', 'x', now())")
     con.execute("INSERT INTO checkpoints (model, step, source, status) VALUES ('old', 0, 'x', 'ok')")
     con.execute("INSERT INTO metric_values VALUES (1, 'old', 0, 't', 0, 'mlp.in', 'frobenius_norm', 2.5)")
+    con.execute("INSERT INTO spectra VALUES (1, 'old', 0, 't', 0, 'mlp.in', 'weight', 2, 2, [2.0, 1.0])")
     con.close()
     before = store.read_bytes()
     with ckptscope.Store(store, read_only=True) as db:  # readable without an upgrade
         assert db.sql("SELECT value FROM metrics")["value"].to_list() == [2.5]
+    payload = report_payload(build_report(store, tmp_path / "old.html"))  # its spectra too, with no `head` column
+    [spectrum] = [c for c in payload if c["type"] == "spectrum"]
+    assert [(m["tensor"], [s["total"] for s in m["steps"]]) for m in spectrum["matrices"]] == [("t", [2])]
     assert store.read_bytes() == before
     ckptscope.ingest(run, store=store, steps="0,4")
     with ckptscope.Store(store, read_only=True) as db:

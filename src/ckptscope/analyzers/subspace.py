@@ -30,7 +30,6 @@ subspace is numerically undefined: δ_k < MIN_GAP or σ_k at rounding level (ran
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np

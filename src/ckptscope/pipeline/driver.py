@@ -25,7 +25,7 @@ from ckptscope.analyzers.contract import AnalysisContext, Analyzer, SameStep
 from ckptscope.errors import CkptscopeError, SourceError
 from ckptscope.options import Options
 from ckptscope.pipeline.executors import Executor, ExecutorSpec, StepsFailed, describe, is_fatal
-from ckptscope.pipeline.plan import MAX_LISTED, Plan, plan, reconcile, roles
+from ckptscope.pipeline.plan import MAX_LISTED, plan, reconcile, roles
 from ckptscope.pipeline.tasks import AnalyzerSpec, Checkpoints, StepResult, StepTask, tensor_rows
 from ckptscope.rows import CheckpointRows, ModelRow
 from ckptscope.seeds import check_membership, group_of

@@ -408,16 +408,17 @@ ORDER BY model, step"""
 
     def _spectrum_chart(self, model: str) -> Chart | None:
         """Every matrix of `model` with a spectrum, at up to SPECTRUM_STEPS steps; the selector picks one."""
-        candidates = self.db.sql(q.spectrum_candidates_sql(model, self.sel.components))
+        heads = _column(self.db, "spectra", "head")
+        candidates = self.db.sql(q.spectrum_candidates_sql(model, self.sel.components, heads))
         if not candidates.height:
             return None
         comps = self.sel.components
-        steps = _spread(self.db.sql(q.spectrum_steps_sql(model, comps))["step"].to_list(), SPECTRUM_STEPS)
-        hist_sql, fit_sql = q.spectrum_sql(model, comps, steps), q.spectrum_fit_sql(model, comps, steps)
+        steps = _spread(self.db.sql(q.spectrum_steps_sql(model, comps, heads))["step"].to_list(), SPECTRUM_STEPS)
+        hist_sql, fit_sql = q.spectrum_sql(model, comps, steps, heads), q.spectrum_fit_sql(model, comps, steps)
         hist, fit = self.db.sql(hist_sql), self.db.sql(fit_sql)
         fits = {(r["tensor"], r["component"], r["step"]): r for r in fit.iter_rows(named=True)}
-        mp_sql = q.spectrum_mp_sql(model, comps, steps)  # rows only where the mp_fit analyzer ran
-        mp = self.db.sql(mp_sql)
+        mp_sql = q.spectrum_mp_sql(model, comps, steps)  # rows only where mp_fit ran (never before migration 0003)
+        mp = self.db.sql(mp_sql) if heads else pl.DataFrame()
         mps = {(r["tensor"], r["component"], r["step"]): _mp_overlay(r) for r in mp.iter_rows(named=True)}
         per_matrix: dict[tuple[str, str], list[dict[str, Any]]] = {}
         for (tensor, component, step), g in hist.partition_by("tensor", "component", "step", as_dict=True,
@@ -584,6 +585,12 @@ ORDER BY model, step"""
 def _relation(db: Store, name: str) -> bool:
     """Whether a table or view exists (stores made by older versions may lack it)."""
     return bool(db.sql("SELECT count(*) FROM information_schema.tables WHERE table_name = ?", [name]).item())
+
+
+def _column(db: Store, table: str, column: str) -> bool:
+    """Whether `table` has `column` (a store opened read-only is not migrated, so an old one may lack it)."""
+    return bool(db.sql("SELECT count(*) FROM information_schema.columns WHERE table_name = ? AND column_name = ?",
+                       [table, column]).item())
 
 
 def _cell_order(key: tuple) -> tuple:

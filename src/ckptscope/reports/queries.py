@@ -224,28 +224,35 @@ ORDER BY s.model, s.step"""
 
 # -- spectra --------------------------------------------------------------------------------
 
-def spectrum_candidates_sql(model: str, components: Sequence[str] | None) -> str:
-    """Every matrix of `model` with a stored spectrum, with and without a layer; the report offers each."""
+def _whole_matrices(heads: bool) -> str:
+    """Leave out per-head rows (the circuits analyzer's) where the store has a `head` column: one
+    histogram per matrix, never all of a layer's heads pooled into one."""
+    return " AND head IS NULL" if heads else ""
+
+
+def spectrum_candidates_sql(model: str, components: Sequence[str] | None, heads: bool) -> str:
+    """Every matrix of `model` with a stored spectrum, with and without a layer; the report offers each.
+    `heads`: whether the store's spectra have the `head` column (stores before migration 0003 do not)."""
     return f"""SELECT tensor, component, layer, count(DISTINCT step) AS steps
 FROM spectra
-WHERE model = {literal(model)} AND kind = 'weight'{_component_filter(components)}
+WHERE model = {literal(model)} AND kind = 'weight'{_whole_matrices(heads)}{_component_filter(components)}
 GROUP BY tensor, component, layer
 ORDER BY layer NULLS FIRST, component, tensor"""
 
 
-def spectrum_steps_sql(model: str, components: Sequence[str] | None) -> str:
+def spectrum_steps_sql(model: str, components: Sequence[str] | None, heads: bool) -> str:
     return f"""SELECT DISTINCT step FROM spectra
-WHERE model = {literal(model)} AND kind = 'weight'{_component_filter(components)}
+WHERE model = {literal(model)} AND kind = 'weight'{_whole_matrices(heads)}{_component_filter(components)}
 ORDER BY step"""
 
 
-def spectrum_sql(model: str, components: Sequence[str] | None, steps: Sequence[int]) -> str:
+def spectrum_sql(model: str, components: Sequence[str] | None, steps: Sequence[int], heads: bool) -> str:
     """Density of the eigenvalues λ = σ² of each matrix in log-spaced bins (BINS_PER_DECADE per decade)."""
     b = BINS_PER_DECADE
     return f"""WITH eigen AS (
   SELECT tensor, component, step, unnest(sv) ^ 2 AS ev
   FROM spectra
-  WHERE model = {literal(model)} AND kind = 'weight' AND {in_list('step', steps)}{_component_filter(components)}
+  WHERE model = {literal(model)} AND kind = 'weight' AND {in_list('step', steps)}{_whole_matrices(heads)}{_component_filter(components)}
 ), bins AS (
   SELECT tensor, component, step, floor(log10(ev) * {b}) AS bin, count(*) AS n
   FROM eigen WHERE ev > 0 GROUP BY tensor, component, step, bin
