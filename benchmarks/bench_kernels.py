@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import time
 from datetime import date
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # numpy/scipy on one thread too, before they load
@@ -25,15 +24,7 @@ import torch
 
 import ckptscope
 from ckptscope.analyzers.spectral import add_gram_
-
-
-def best(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
+from timing import best
 
 
 def main() -> None:

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import time
 from datetime import date
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # numpy/scipy on one thread too, before they load
@@ -30,6 +29,7 @@ import torch
 import ckptscope
 from ckptscope.analyzers.spectral import gram
 from ckptscope.analyzers.subspace import _long_times, _orth, top_subspaces
+from timing import best
 
 VOCAB = 50304
 MODELS = {"160m": (768, 12), "410m": (1024, 24)}  # d_model, layers (MLP 4·d, fused QKV 3·d)
@@ -39,15 +39,6 @@ def shapes(model: str) -> dict[tuple[int, int], int]:
     """(rows, cols) oriented out × in -> how many matrices of that shape one step has."""
     d, layers = MODELS[model]
     return {(VOCAB, d): 2, (3 * d, d): layers, (d, d): layers, (4 * d, d): layers, (d, 4 * d): layers}
-
-
-def best(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
 
 
 def gram_full_eigh(w: torch.Tensor, k: int) -> None:

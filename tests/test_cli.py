@@ -277,3 +277,20 @@ def test_demo_ingests_embedded_suite_and_answers_queries(tmp_path):
         assert db.sql("SELECT count(*) FROM runs WHERE analyzer = 'weights'").item() == len(suite["steps"])  # untouched
     assert_clean_error(invoke("analyze", "memorization", "nope", "--store", store, "--corpus", suite_dir / "canaries.jsonl"),
                        "model 'nope' is not in", "demo-neox")
+
+
+def test_top_level_help_lists_every_command_without_loading_torch():
+    """`ckptscope --help` shows the lazily built commands' own help line, and starts without torch."""
+    import click
+
+    from ckptscope.cli import _Commands
+
+    code = ("import sys; from ckptscope.cli import main\n"
+            "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+            "print('torch loaded' if 'torch' in sys.modules else 'no torch')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.rstrip().endswith("no torch")
+    for name, short in _Commands.SHORT_HELP.items():
+        built = main.get_command(click.Context(main), name)
+        assert built.help.split("\n\n")[0].strip() == short, name
+        assert f"  {name} " in out and short[:30] in out

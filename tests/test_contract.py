@@ -145,3 +145,51 @@ def test_declarations_drive_the_cli_and_the_registry():
         cls = registry.get(name)
         assert f"{name} {cls.version} (from ckptscope)" in res.output
     assert "progress in batches; references: final; tables: metric_values, spectra only" in res.output
+
+
+def test_a_flat_option_beside_a_built_object_is_an_error_not_ignored(suite, tmp_path):
+    """`rtol=0.5` beside analyzers={"weights": <built options>} (or `device` beside a built executor,
+    `steps` beside a built source) would be silently dropped; it is a one-line error instead."""
+    from ckptscope.errors import CkptscopeError
+    from ckptscope.pipeline.executors import ExecutorSpec
+    from ckptscope.sources.spec import SourceSpec
+
+    root, store = suite[0], tmp_path / "new.duckdb"
+    weights = registry.get("weights").Options.build(rtol=0.01)
+    cases = [({"analyzers": {"weights": weights}, "rtol": 0.5}, "rtol=0.5: analyzer weights is given as a built object"),
+             ({"executor": ExecutorSpec.build(), "device": "cpu"}, "device='cpu': the executor is given as a built object"),
+             ({"steps": "0"}, "steps='0': the source is given as a built object")]
+    for kwargs, message in cases:
+        source = SourceSpec.build(source=str(root)) if "steps" in kwargs else root
+        with pytest.raises(CkptscopeError, match=message):
+            ckptscope.ingest(source, store=store, **kwargs)
+    assert not store.exists()
+    ckptscope.ingest(root, store=store, analyzers={"weights": weights}, steps="0")  # the object alone is used
+    with Store(store, read_only=True) as db:
+        assert {json.loads(p)["rtol"] for p in db.sql("SELECT parameters FROM runs")["parameters"]} == {0.01}
+
+
+def test_declared_tables_keep_their_key_and_never_shadow_core_tables(tmp_path):
+    """Rows of a declared table that repeat its key (within a step) are refused and nothing is
+    written; a declared table named like a core table is refused too."""
+    from ckptscope.rows import RunRows, Table
+    from ckptscope.store.db import StoreError
+
+    table = Table("per_sequence", {"sequence_id": "VARCHAR NOT NULL", "score": "DOUBLE"}, key=("sequence_id",))
+    store = tmp_path / "s.duckdb"
+
+    def run(ids: list[str], steps: list[int], name: Table = table) -> RunRows:
+        rows = RunRows("toy", "1.0", {}, "float64", "numpy")
+        rows.tables[name.name] = {"sequence_id": ids, "score": [0.5] * len(ids), "step": steps}
+        return rows
+
+    with Store(store) as db:
+        db.replace_analysis("m", 2, run(["a", "b", "a"], [1, 1, 2]), [("toy", table)], {})  # "a" at two steps: fine
+    with Store(store) as db, pytest.raises(StoreError, match=r"per_sequence: 1 row\(s\) repeat the key \(step, sequence_id\)"):
+        db.replace_analysis("m", 2, run(["a", "b", "b"], [1, 1, 1]), [("toy", table)], {})
+    core = Table("spectra", {"sequence_id": "VARCHAR NOT NULL", "score": "DOUBLE"}, key=("sequence_id",))
+    with Store(store) as db, pytest.raises(StoreError, match="which is a core table; rename it"):
+        db.replace_analysis("m", 2, run(["c"], [1], core), [("toy", core)], {})
+    with Store(store, read_only=True) as db:
+        assert sorted(db.sql("SELECT step, sequence_id FROM per_sequence").rows()) == [(1, "a"), (1, "b"), (2, "a")]
+        assert db.sql("SELECT count(*) FROM runs").item() == 1 and db.sql("SELECT count(*) FROM spectra").item() == 0

@@ -133,6 +133,7 @@ def test_a_v1_store_is_read_as_is_and_upgraded_on_first_write(run, tmp_path):
     con.execute((Path(__file__).parent / "data" / "schema_v1.sql").read_text())
     con.execute("INSERT INTO meta VALUES ('schema_version', '1')")
     con.execute("INSERT INTO runs VALUES (nextval('run_ids'), 'old', 0, 'weights', '1.0.0', '{}', 'float64', 'x', now())")
+    con.execute("INSERT INTO models (model, source, architecture) VALUES ('old', 'x', 'gpt_neox')")
     con.execute("INSERT INTO checkpoints (model, step, source, status) VALUES ('old', 0, 'x', 'ok')")
     con.execute("INSERT INTO metric_values VALUES (1, 'old', 0, 't', 0, 'mlp.in', 'frobenius_norm', 2.5)")
     con.execute("INSERT INTO spectra VALUES (1, 'old', 0, 't', 0, 'mlp.in', 'weight', 2, 2, [2.0, 1.0])")

@@ -21,7 +21,6 @@ from ckptscope.sources.layers import classify, is_buffer
 
 @dataclass(frozen=True)
 class FrobeniusOptions(Options):
-    owner = "analyzer frobenius_per_entry"
     min_entries: int = option(2, check=at_least(1), help="Skip matrices with fewer entries than this.")
 
 

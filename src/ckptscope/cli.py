@@ -111,9 +111,24 @@ class _Commands(click.Group):
     analyzers' declarations, so `sql`, `ls` and `report` start without loading torch."""
 
     LAZY = {"ingest": "ingest_command", "analyze": "analyze_group", "analyzers": "analyzers_command"}
+    # what `ckptscope --help` lists for them without building them (and loading torch); a test
+    # checks each against the built command's own help
+    SHORT_HELP = {"ingest": "Analyze the checkpoints in SOURCE into the store.",
+                  "analyze": "Run an analyzer on a model already in the store.",
+                  "analyzers": "List the installed analyzers: version, origin, what they count, references, options, tables."}
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted({*super().list_commands(ctx), *self.LAZY})
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        limit = formatter.width - 6 - max(len(name) for name in self.list_commands(ctx))
+        def command(name: str) -> click.Command:
+            if name in self.LAZY and name not in self.commands:
+                return click.Command(name, help=self.SHORT_HELP[name])
+            return self.get_command(ctx, name)
+
+        with formatter.section("Commands"):
+            formatter.write_dl([(name, command(name).get_short_help_str(limit)) for name in self.list_commands(ctx)])
 
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
         if name in self.LAZY and name not in self.commands:

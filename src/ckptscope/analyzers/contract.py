@@ -163,6 +163,13 @@ class Analyzer:
     after: ClassVar[tuple[str, ...]] = ()  # analyzers that, when chosen too, run first on each step (to reuse `ctx.shared`)
     final_metrics: ClassVar[tuple[str, ...]] = ()  # metrics measured against "final": re-based by `refresh_final`
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Name the analyzer in its options' error messages ("analyzer weights needs --probe …")
+        unless its Options class says otherwise."""
+        super().__init_subclass__(**kwargs)
+        if cls.name and cls.Options is not NoOptions and "owner" not in vars(cls.Options):
+            cls.Options.owner = f"analyzer {cls.name}"
+
     def __init__(self, options: Options | None = None) -> None:
         self.options = options if options is not None else self.Options.build()
 

@@ -65,7 +65,6 @@ def _activations(model: LoadedModel, sites: list[Site], batch: Batch) -> dict[st
 
 @dataclass(frozen=True)
 class ConvergenceOptions(Options):
-    owner = "analyzer convergence"
     probe: Path = option(help="Sequences (JSONL, Parquet or .npy) to compare activations on.", digest=True)
     reference_step: str = option("final", check=lambda v: _reference_problem(v), normalize=lambda v: str(_parse_reference(v)),
                                  help="Step to compare with: final, first or a step number.")

@@ -161,14 +161,37 @@ def _read_parquet(path: Path, what: str) -> tuple[list, list, list, list]:
     table = pq.read_table(path)
     if "tokens" not in table.column_names and "text" not in table.column_names:
         raise CkptscopeError(f"--{what} {path}: needs a `tokens` or `text` column (has {', '.join(table.column_names)})")
+    tokens = _token_rows(table)
+    columns = {name: table[name].to_pylist() for name in ("id", "tokens", "text", "first_seen_step", "split")
+               if name in table.column_names and not (name == "tokens" and tokens is not None)}
     ids, rows, seen, splits = [], [], [], []
-    for i, record in enumerate(table.to_pylist()):
+    for i in range(table.num_rows):
+        record = {name: values[i] for name, values in columns.items()}
+        if tokens is not None:
+            record["tokens"] = tokens[i]
         rid, value, first, split = _row(record, i, f"--{what} {path} row {i}")
         ids.append(rid)
         rows.append(value)
         seen.append(first)
         splits.append(split)
     return ids, rows, seen, splits
+
+
+def _token_rows(table) -> list[np.ndarray] | None:
+    """A `tokens` column of integer lists without nulls as one int64 array sliced per row: a
+    corpus of millions of tokens is read without a Python int per token (None: not that shape)."""
+    import pyarrow as pa
+
+    if "tokens" not in table.column_names:
+        return None
+    col = table["tokens"].combine_chunks()
+    if not (pa.types.is_list(col.type) or pa.types.is_large_list(col.type)) or not pa.types.is_integer(col.type.value_type):
+        return None
+    if col.null_count or col.values.null_count:
+        return None
+    flat = col.values.to_numpy().astype(np.int64)
+    offsets = col.offsets.to_numpy()
+    return [flat[a:b] for a, b in zip(offsets[:-1].tolist(), offsets[1:].tolist())]
 
 
 def _read_npy(path: Path, what: str) -> tuple[list, list, list, list]:

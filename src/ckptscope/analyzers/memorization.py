@@ -57,7 +57,6 @@ def greedy_continuation(module: torch.nn.Module, cache: Any, logits: torch.Tenso
 
 @dataclass(frozen=True)
 class MemorizationOptions(Options):
-    owner = "analyzer memorization"
     corpus: Path = option(help="Sequences (JSONL, Parquet or .npy) to test for memorization.", digest=True)
     prompt_len: int = option(32, check=at_least(1), help="Prompt tokens given to the model.")
     continuation_len: int = option(32, check=at_least(1), help="Tokens generated greedily and compared with the truth.")

@@ -39,7 +39,6 @@ MP_METRICS = ("sigma_mp", "bulk_max", "bulk_min", "mp_softrank", "num_spikes")
 
 @dataclass(frozen=True)
 class MPFitOptions(Options):
-    owner = "analyzer mp_fit"
     rand_distance: bool = option(False, help="Also store rand_distance: a second eigensolve per matrix, of its entries "
                                              "permuted (seeded by --seed and the tensor name, so reruns agree).")
     seed: int = option(0, help="Seed of the entry permutation behind rand_distance.", check=at_least(0))

@@ -33,7 +33,6 @@ POSITIONS_PER_CHUNK = 256  # predicted positions whose probabilities exist at on
 
 @dataclass(frozen=True)
 class SequenceStatsOptions(Options):
-    owner = "analyzer sequence_stats"
     corpus: Path = option(help="Token sequences to score (Parquet from `ckptscope corpus from-data`, JSONL or .npy).",
                           check=existing_file, digest=True, metavar="FILE")
     batch_size: int = option(4, help="Sequences per forward pass (logits take batch × length × vocab × 4 bytes).",

@@ -36,7 +36,6 @@ EXACT_DTYPES = (torch.float16, torch.bfloat16)  # 15 bits below the sign: one bu
 
 @dataclass(frozen=True)
 class SparsityOptions(Options):
-    owner = "analyzer sparsity"
     mantissa_bits: int = option(11, help="fp32/fp64 Gini buckets keep this many mantissa bits (relative width "
                                          "2^-bits; memory 32 B x 2^(8+bits)); fp16/bf16 are always exact.",
                                 check=lambda v: None if 0 <= v <= 15 else "must be between 0 and 15")

@@ -206,6 +206,7 @@ def _candidate_fits(x: np.ndarray, *, bias: int) -> tuple[np.ndarray, np.ndarray
     dists = np.empty(count)
     sums = np.empty(count)
     rows_per_block = max(1, _FIT_BLOCK_CELLS // size)
+    columns = np.arange(size, dtype=np.float64)
     for a in range(0, count, rows_per_block):
         b = min(a + rows_per_block, count)
         n = tails[a:b, None]
@@ -222,9 +223,12 @@ def _candidate_fits(x: np.ndarray, *, bias: int) -> tuple[np.ndarray, np.ndarray
             np.multiply(logratio, exponent[:, None], out=logratio)
         fitted_cdf = np.exp(logratio, out=logratio)  # (x_j/x_i)^(1-alpha); 1 where j < i
         np.subtract(1.0, fitted_cdf, out=fitted_cdf)
-        steps = np.arange(a, size)[None, :] - np.arange(a, b)[:, None]
-        # Empirical CDF (j-i)/n; 0 where j < i, where the fitted CDF is also 0.
-        fitted_cdf -= np.maximum(steps, 0) / n
+        # Empirical CDF (j-i)/n; 0 where j < i, where the fitted CDF is also 0. Whole numbers are
+        # exact in float64, so this equals the integer form, in fewer and cheaper passes.
+        empirical = columns[None, a:] - columns[a:b, None]
+        np.maximum(empirical, 0.0, out=empirical)
+        empirical /= n
+        fitted_cdf -= empirical
         dists[a:b] = np.abs(fitted_cdf, out=fitted_cdf).max(axis=1)
         alphas[a:b] = alpha
         sums[a:b] = s

@@ -136,7 +136,6 @@ def mean_cos2(a: np.ndarray, b: np.ndarray) -> float:
 
 @dataclass(frozen=True)
 class SubspaceOptions(Options):
-    owner = "analyzer subspace"
     subspace_k: int = option(16, help="Dimension k of the top singular subspaces compared (capped at a matrix's shorter side).",
                              check=at_least(1))
 

@@ -130,7 +130,6 @@ def _merge(out: RunRows, part: RunRows) -> None:
 
 @dataclass(frozen=True)
 class WeightOptions(Options):
-    owner = "analyzer weights"
     rtol: float = option(1e-3, check=between(0, 1), help="Relative tolerance of numerical_rank: σ > rtol·σ₁ counts.")
     spectrum: str = option("exact", choices=TIERS, help=(
         "How singular values are obtained: exact (matrices whose smaller side exceeds --exact-max-side fall back to fast), "

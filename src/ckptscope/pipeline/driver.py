@@ -112,10 +112,13 @@ def resolve(source: str | Path | SourceSpec, analyzers: Selection, executor: Exe
     if isinstance(executor, str):
         remaining["executor"], executor = executor, None
     if isinstance(source, SourceSpec):
+        _not_beside("the source", SourceSpec.names() - {"source"}, remaining)
         spec = source
     else:
         text = str(Path(source).expanduser().absolute()) if isinstance(source, Path) else str(source)
         spec = SourceSpec.build({k: remaining.pop(k) for k in SourceSpec.names() - {"source"} if k in remaining}, source=text)
+    if executor is not None:
+        _not_beside("the executor", ExecutorSpec.names(), remaining)
     runner = executor or ExecutorSpec.build({k: remaining.pop(k) for k in ExecutorSpec.names() if k in remaining})
     per_analyzer = dict(analyzers) if isinstance(analyzers, Mapping) else {}
     names = registry.names(list(per_analyzer) if per_analyzer else analyzers)
@@ -123,7 +126,9 @@ def resolve(source: str | Path | SourceSpec, analyzers: Selection, executor: Exe
     for name in names:
         cls = registry.get(name)
         given = per_analyzer.get(name) or {}
-        if not isinstance(given, Options):
+        if isinstance(given, Options):
+            _not_beside(f"analyzer {name}", cls.Options.names(), remaining)
+        else:
             given = {**{k: v for k, v in remaining.items() if k in cls.Options.names()}, **given}
         chosen.append(registry.build(name, given))
     taken = set().union(*(type(a.options).names() for a in chosen))
@@ -135,6 +140,14 @@ def resolve(source: str | Path | SourceSpec, analyzers: Selection, executor: Exe
                 else "no analyzer, source or executor declares it (`ckptscope analyzers` lists the options)")
         raise CkptscopeError(f"--{first.replace('_', '-')}: {hint}")
     return spec, runner, registry.ordered(chosen)
+
+
+def _not_beside(what: str, names: set[str], flat: Mapping[str, Any]) -> None:
+    """A flat option for something given as a built object would be ignored: say so instead."""
+    clash = sorted(names & set(flat))
+    if clash:
+        raise CkptscopeError(f"{clash[0]}={flat[clash[0]]!r}: {what} is given as a built object; set {clash[0]} in it "
+                             "instead of beside it")
 
 
 class _Bars:

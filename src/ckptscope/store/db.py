@@ -21,6 +21,7 @@ from typing import Any
 import duckdb
 import polars as pl
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from ckptscope.errors import StoreError
 from ckptscope.rows import CheckpointRows, ModelRow, RunRows, Table, column
@@ -624,6 +625,8 @@ class Store:
             else:
                 data[key] = pa.array(values, declared.arrow_type(key))
         batch = pa.table(data)
+        if declared is not None and declared.key:
+            _check_key(batch, declared)
         cols = ", ".join(batch.column_names)
         verb = "INSERT OR REPLACE" if replace_keys else "INSERT"
         self._con.register("_ckptscope_batch", batch)
@@ -631,6 +634,17 @@ class Store:
             self._con.execute(f"{verb} INTO {table} ({cols}) SELECT {cols} FROM _ckptscope_batch")
         finally:
             self._con.unregister("_ckptscope_batch")
+
+
+def _check_key(batch: pa.Table, table: Table) -> None:
+    """Rows of a declared table must differ in its key (within a step): two rows for one sequence
+    would make every join on the key double-count. An analyzer that breaks this fails its step."""
+    key = ["step", *(k for k in table.key if k != "step")]
+    distinct = batch.select(key).group_by(key).aggregate([([], "count_all")])
+    if distinct.num_rows < batch.num_rows:
+        twice = distinct.filter(pc.greater(distinct["count_all"], 1)).slice(0, 1).to_pylist()[0]
+        raise StoreError(f"table {table.name}: {batch.num_rows - distinct.num_rows} row(s) repeat the key "
+                         f"({', '.join(key)}), e.g. {twice}; the analyzer must write one row per key")
 
 
 class WriterLock:
