@@ -156,13 +156,14 @@ def _declarations(analyzer_names: list[str] | None = None) -> dict[str, list]:
 
 def ingest_command() -> click.Command:
     """`ckptscope ingest`: SOURCE, the store, and every declared source, executor and analyzer option."""
+    from ckptscope.analyzers.registry import DEFAULT
     from ckptscope.cli_options import apply, collect, flags
 
     found = flags(_declarations())
 
     @click.argument("source")
     @_store_option
-    @click.option("--analyzers", default="weights", show_default=True,
+    @click.option("--analyzers", default=",".join(DEFAULT), show_default=True,
                   help="Comma-separated analyzer names (`ckptscope analyzers` lists them).")
     @click.option("--force", is_flag=True, help="Recompute steps that are already in the store.")
     @_friendly

@@ -26,7 +26,7 @@ from ckptscope.errors import CkptscopeError
 from ckptscope.options import Options
 
 GROUP = "ckptscope.analyzers"
-DEFAULT = ("weights",)
+DEFAULT = ("weights", "mp_fit", "circuits")  # within 25% of weights alone on CPU: docs/weight-analyzers.md
 
 
 @dataclass(frozen=True)

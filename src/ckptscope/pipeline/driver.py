@@ -46,7 +46,7 @@ def ingest(source: str | Path | SourceSpec, *, analyzers: Selection = None, exec
     """Analyze the checkpoints of a local run or a hub suite into the store; one row per step written.
 
     `source` is a path, a catalog name or a hub repo (or a built `SourceSpec`); `analyzers` a
-    comma-separated string or list of names (default: `weights`), or a mapping name → options.
+    comma-separated string or list of names (default: `weights,mp_fit,circuits`, registry.DEFAULT), or a mapping name → options.
     `executor` (an `ExecutorSpec`, or its kind "local" | "ray") says where steps run, never what
     comes out. Every other keyword
     is an option declared by `SourceSpec` (`steps`, `name`, `tokens_per_step`, `cache_dir`, …),
