@@ -18,6 +18,7 @@ import torch
 from click.testing import CliRunner
 
 import ckptscope
+from ckptscope.analyzers import registry
 from ckptscope.cli import main
 from runs import neox_state, trajectory, write_checkpoint, write_run
 
@@ -223,7 +224,7 @@ def test_kill_during_ingest_then_resume(tmp_path):
     ckptscope.ingest(run, store=reference)
     q = "SELECT step, tensor, component, metric, value FROM metrics ORDER BY ALL"
     with ckptscope.Store(store, read_only=True) as a, ckptscope.Store(reference, read_only=True) as b:
-        assert a.sql("SELECT count(*) FROM runs").item() == len(steps)
+        assert a.sql("SELECT count(*) FROM runs").item() == len(steps) * len(registry.DEFAULT)  # one per step and analyzer
         assert a.sql(q).equals(b.sql(q))
         assert a.sql("SELECT count(*) FROM spectra").item() == b.sql("SELECT count(*) FROM spectra").item()
 

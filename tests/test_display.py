@@ -20,6 +20,7 @@ import polars as pl
 import pytest
 
 import ckptscope
+from ckptscope.analyzers import registry
 from ckptscope.errors import StoreError
 from runs import neox_state, trajectory, write_checkpoint, write_run
 
@@ -85,7 +86,7 @@ def test_bracketed_and_colon_names_verbatim_everywhere(odd_run, tmp_path):
     assert f"{ODD_NAME} checkpoints" in ingest.stderr  # the progress bar's description
     ls = cli("ls", "--store", store)
     assert table_rows(ls.stdout)[0][0] == ODD_NAME
-    assert f"{ODD_NAME}: analyzers weights; source {root}" in ls.stdout
+    assert f"{ODD_NAME}: analyzers {', '.join(sorted(registry.DEFAULT))}; source {root}" in ls.stdout
     sql = cli("sql", "SELECT model, source FROM models", "--store", store, columns=300)
     assert table_rows(sql.stdout) == [[ODD_NAME, str(root)]]
     report = cli("report", "--store", store, "--models", ODD_NAME, "-o", tmp_path / "r.html")
@@ -339,9 +340,10 @@ def test_ingest_summarizes_anomalies_and_leaves_no_stale_bar(tmp_path):
     store = tmp_path / "s.duckdb"
     proc = cli("ingest", run, "--store", store)
     assert proc.stdout.splitlines()[0].startswith("ingested 4 checkpoint(s) in ")
-    assert proc.stdout.splitlines()[1] == f"3 anomalies: 1 duplicate_checkpoint, 1 inf, 1 nan; see `ckptscope ls --store {store}`"
+    kinds = ["circuits_skipped", "duplicate_checkpoint", "inf", "nan", "non_finite"]  # mp_fit and circuits skip the NaN matrix
+    assert proc.stdout.splitlines()[1] == f"5 anomalies: {', '.join(f'1 {k}' for k in kinds)}; see `ckptscope ls --store {store}`"
     with ckptscope.Store(store, read_only=True) as db:  # the line counts what the store recorded
-        assert sorted(db.anomalies()["kind"].to_list()) == ["duplicate_checkpoint", "inf", "nan"]
+        assert sorted(db.anomalies()["kind"].to_list()) == kinds
     assert not re.search(r"^step \d+", proc.stderr, re.MULTILINE), proc.stderr  # the per-step bar is gone
     again = cli("ingest", run, "--store", store)
     assert "anomal" not in again.stdout and "nothing to do" in again.stdout  # nothing ran, nothing to count

@@ -13,6 +13,7 @@ import pytest
 from click.testing import CliRunner
 
 import ckptscope
+from ckptscope.analyzers import registry
 from ckptscope.cli import main
 from ckptscope.rows import CheckpointRows
 from ckptscope.store.db import Store
@@ -74,7 +75,7 @@ def test_pool_and_ray_give_the_rows_of_one_process(suite, local_ray, tmp_path):
     want = snapshot(reference)
     assert [(r[1], r[6]) for r in want["checkpoints"]] == [(0, None), (1, None), (2, None), (4, None), (8, 2), (16, None)]
     assert [(r[1], r[3]) for r in want["anomalies"]] == [(8, "duplicate_checkpoint")]
-    assert len(want["runs"]) == len(STEPS) and len(want["metric_values"]) > 1000 and want["spectra"]
+    assert len(want["runs"]) == len(STEPS) * len(registry.DEFAULT) and len(want["metric_values"]) > 1000 and want["spectra"]
 
     pool = tmp_path / "pool.duckdb"
     res = invoke("ingest", root, "--store", pool, "--name", "run", "--executor", "local", "--workers", 2, "--threads", 1)

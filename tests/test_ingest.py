@@ -11,7 +11,7 @@ import torch
 from safetensors.numpy import load_file
 
 import ckptscope
-from ckptscope.analyzers.weights import WeightAnalyzer
+from ckptscope.analyzers import registry
 from runs import neox_state, trajectory, write_checkpoint, write_run
 
 STEPS = [0, 1, 2, 4, 8]
@@ -122,8 +122,9 @@ def test_vector_metrics_and_tokens(ingested):
         assert ck["tokens"].to_list() == [s * 2048 for s in STEPS]
         spectra = db.sql(f"SELECT sv FROM spectra WHERE step = 2 AND tensor = '{QKV}' AND component = 'attn.qkv' AND kind = 'weight'")
         np.testing.assert_allclose(spectra["sv"][0].to_list(), np.linalg.svd(load(root, 2)[QKV], compute_uv=False), rtol=1e-10)
-        prov = db.sql("SELECT DISTINCT analyzer, version, dtype, parameters->>'rtol' AS rtol FROM runs")
-        assert prov.rows() == [("weights", WeightAnalyzer.version, "float64", "0.001")]
+        prov = db.sql("SELECT DISTINCT analyzer, version, dtype, parameters->>'rtol' AS rtol FROM runs ORDER BY analyzer")
+        assert prov.rows() == [(name, registry.discover()[name].cls.version, "float64", "0.001" if name == "weights" else None)
+                               for name in sorted(registry.DEFAULT)]  # the default set; only weights has rtol
         dtypes = db.sql("SELECT DISTINCT dtype FROM tensors")["dtype"].to_list()
         assert dtypes == ["float16"]
 
@@ -183,7 +184,8 @@ def test_duplicate_and_nan_are_flagged_not_fatal(neox, tmp_path):
     assert report.filter(report["step"] == 8)["duplicate_of"].to_list() == [2]
     with ckptscope.Store(store, read_only=True) as db:
         an = db.anomalies()
-        assert sorted(an.select("step", "kind").rows()) == [(4, "inf"), (4, "nan"), (8, "duplicate_checkpoint")]
+        assert sorted(an.select("step", "kind").rows()) == [  # weights says what is wrong, the others what they skipped
+            (4, "circuits_skipped"), (4, "inf"), (4, "nan"), (4, "non_finite"), (8, "duplicate_checkpoint")]
         assert "3 of" in an.filter(an["kind"] == "nan")["detail"][0]
         assert db.sql("SELECT duplicate_of FROM checkpoints WHERE step = 8").item() == 2
         n = db.sql("SELECT count(*) FROM metrics WHERE step = 4 AND tensor = 'gpt_neox.layers.0.attention.dense.weight'").item()
@@ -209,14 +211,14 @@ def test_rerun_skips_and_later_final_rebases(neox, tmp_path):
     assert got[(2, QKV, "attn.qkv", "final_relative_distance")] == pytest.approx(np.linalg.norm(w2 - w8) / np.linalg.norm(w8), rel=1e-9)
     assert got[(8, QKV, "attn.qkv", "final_cosine")] == 1.0
     with ckptscope.Store(store, read_only=True) as db:
-        assert db.sql("SELECT DISTINCT parameters->>'final_step' FROM runs").item() == "8"
-        dup = db.sql("SELECT count(*) - count(DISTINCT (step, tensor, component, metric)) FROM metrics").item()
+        assert db.sql("SELECT DISTINCT parameters->>'final_step' FROM runs WHERE analyzer = 'weights'").item() == "8"
+        dup = db.sql("SELECT count(*) - count(DISTINCT (step, tensor, component, metric, head)) FROM metrics").item()
         assert dup == 0
     forced = ckptscope.ingest(root, store=store, force=True, steps="4")
     assert forced["step"].to_list() == [0, 4, 8]
     with ckptscope.Store(store, read_only=True) as db:
-        assert db.sql("SELECT count(*) FROM runs").item() == 4
-        assert db.sql("SELECT count(*) - count(DISTINCT (step, tensor, component, metric)) FROM metrics").item() == 0
+        assert db.sql("SELECT count(*) FROM runs").item() == 4 * len(registry.DEFAULT)  # one per step and analyzer
+        assert db.sql("SELECT count(*) - count(DISTINCT (step, tensor, component, metric, head)) FROM metrics").item() == 0
 
 
 def test_explicit_step_paths_and_single_checkpoint(neox, tmp_path):
@@ -258,11 +260,11 @@ def test_lost_reference_is_a_clear_error_and_interrupted_rebasing_resumes(neox, 
     store = tmp_path / "s.duckdb"
     ckptscope.ingest(root, store=store)
     with ckptscope.Store(store) as db:  # as if a re-basing onto step 4 had been killed half-way
-        db.con.execute("UPDATE runs SET parameters = json_object('final_step', 2) WHERE step = 0")
+        db.con.execute("UPDATE runs SET parameters = json_object('final_step', 2) WHERE step = 0 AND analyzer = 'weights'")
     report = ckptscope.ingest(root, store=store)
     assert report.height == 0
     with ckptscope.Store(store, read_only=True) as db:
-        assert db.sql("SELECT DISTINCT parameters->>'final_step' FROM runs").item() == "4"
+        assert db.sql("SELECT DISTINCT parameters->>'final_step' FROM runs WHERE analyzer = 'weights'").item() == "4"
     import shutil
     shutil.rmtree(root / "step0")
     shutil.rmtree(f"{store.resolve()}.refs")  # without the reference cache either (see test_live.py for with it)

@@ -38,6 +38,7 @@ NAN_TENSOR = "gpt_neox.layers.0.mlp.dense_4h_to_h.weight"
 from conftest import CHROMIUM
 PDFTOTEXT = shutil.which("pdftotext")
 STEP_AXIS = "step (log scale of step + 1)"  # the title of every step axis in the report
+HEADS = "Attention heads: OV and QK circuits"  # the section of `circuits`, a default analyzer
 DEMO_SUITE = Path(ckptscope.__file__).parent / "demo_suite"
 DOCS_PNG = Path(__file__).resolve().parents[1] / "docs" / "report.png"
 
@@ -224,7 +225,7 @@ def test_one_model_report(one_model, browser, tmp_path):
     info = open_report(browser, report, tmp_path / "one.png")
     # overview + per metric (heatmap + lines) for the 6 default metrics + spectrum
     assert_renders_cleanly(info, tmp_path / "one.png", min_charts=1 + 2 * 6 + 1)
-    assert section_titles(browser) == ["Overview", "Layers over training: pythia-tiny", "Spectra"]
+    assert section_titles(browser) == ["Overview", "Layers over training: pythia-tiny", "Spectra", HEADS]
     alert = browser.execute_script("return document.querySelector('.alert').textContent")
     assert "duplicate_checkpoint" in alert and "nan" in alert
     cells = browser.execute_script("return Array.from(document.querySelectorAll('table.anomalies td'), (td) => td.textContent)")
@@ -262,7 +263,7 @@ def test_two_models_compared_at_relative_depth(two_models, browser, tmp_path):
     info = open_report(browser, report, tmp_path / "two.png")
     assert_renders_cleanly(info, tmp_path / "two.png", min_charts=1 + 2 * 2 * 6 + 6 + 2)
     assert section_titles(browser) == ["Overview", "Layers over training: deep-4L", "Layers over training: shallow-2L",
-                                       "Comparison across models", "Spectra"]
+                                       "Comparison across models", "Spectra", HEADS]
     legend = browser.execute_script("return Array.from(document.querySelectorAll('#compare .legendtext'), (t) => t.textContent)")
     assert {"deep-4L", "shallow-2L"} <= set(legend)
     # the 4-layer model fills every quarter of depth, the 2-layer one only quarters 0 and 2
@@ -347,7 +348,7 @@ def test_memorisation_profile_section(profile_store, browser, tmp_path):
     report = build_report(profile_store, tmp_path / "profile.html", metrics=["stable_rank"])
     info = open_report(browser, report, tmp_path / "profile.png")
     assert_renders_cleanly(info, tmp_path / "profile.png", min_charts=1 + 2 + 1 + 3)
-    assert section_titles(browser)[-2:] == ["Memorisation profile", "Spectra"]
+    assert section_titles(browser)[-3:] == ["Memorisation profile", "Spectra", HEADS]
     charts = {c["type"]: c for c in report_payload(report) if c["type"].startswith("profile_")}
     assert set(charts) == {"profile_cells", "profile_event", "profile_summary"}
     with ckptscope.Store(profile_store, read_only=True) as db:  # straight from the tables, not the report's queries
@@ -549,7 +550,7 @@ def test_print_to_pdf_draws_every_chart(gpt2_report, tmp_path):
     pages = subprocess.run([PDFTOTEXT, "-layout", str(pdf), "-"], check=True, capture_output=True, text=True).stdout.split("\f")
     text = "\n".join(pages)
     payload = report_payload(gpt2_report)
-    step_axes = sum({"checkpoints": 1, "layers": 2, "tensors": 1}.get(c["type"], 0) for c in payload)
+    step_axes = sum({"checkpoints": 1, "layers": 2, "tensors": 1, "heatmap": 1}.get(c["type"], 0) for c in payload)
     assert "Drawing charts" not in text and f"{len(payload)} charts drawn." in text
     assert text.count(STEP_AXIS) == step_axes >= 13  # every step axis is drawn, so every chart
     # a chart is not split across pages: its title and its axes are on one page

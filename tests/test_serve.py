@@ -364,7 +364,7 @@ def test_dashboard_draws_new_checkpoints_without_a_reload(checkpoints, tmp_path,
         assert browser.execute_script("return document.querySelector('h1').textContent") == "ckptscope live dashboard"
         assert browser.execute_script(CHECKPOINT_POINTS) == FIRST
         titles = browser.execute_script("return Array.from(document.querySelectorAll('main h2'), (h) => h.textContent)")
-        assert titles == ["Overview", "Layers over training: tiny", "Spectra"]
+        assert titles == ["Overview", "Layers over training: tiny", "Spectra", "Attention heads: OV and QK circuits"]
         browser.execute_script("window.sameDocument = true")
         proc = writer(checkpoints, run, store, [STEPS[FIRST]])
         assert proc.wait(120) == 0, proc.stderr.read()

@@ -35,13 +35,13 @@ def rows(store: Path, where: str = "true") -> dict[tuple, tuple[float, str | Non
 @pytest.fixture(scope="module")
 def exact(run, tmp_path_factory) -> Path:
     store = tmp_path_factory.mktemp("exact") / "s.duckdb"
-    ckptscope.ingest(run, store=store)
+    ckptscope.ingest(run, store=store, analyzers="weights")  # the tiers are the weight analyzer's
     return store
 
 
 def test_none_tier_gives_the_exact_norms_and_nothing_spectral(run, exact, tmp_path):
     store = tmp_path / "none.duckdb"
-    ckptscope.ingest(run, store=store, spectrum="none")
+    ckptscope.ingest(run, store=store, analyzers="weights", spectrum="none")
     none, full = rows(store), rows(exact)
     matrix_rows = {k: v for k, v in none.items() if v[1] is not None}
     metrics = {k[3] for k in matrix_rows}
@@ -69,7 +69,7 @@ def test_rows_do_not_depend_on_the_thread_count(run, exact, tmp_path):
     torch.set_num_threads(1)
     try:
         store = tmp_path / "one-thread.duckdb"
-        ckptscope.ingest(run, store=store)
+        ckptscope.ingest(run, store=store, analyzers="weights")
     finally:
         torch.set_num_threads(threads)
     assert threads > 1 or pytest.skip("needs a machine with more than one core")
@@ -175,8 +175,8 @@ def test_large_matrices_fall_back_to_the_fast_tier_within_its_bounds(wide_run, t
     from ckptscope.analyzers import fast_spectrum as fs
 
     exact, fast = tmp_path / "exact.duckdb", tmp_path / "fast.duckdb"
-    ckptscope.ingest(wide_run, store=exact)
-    ckptscope.ingest(wide_run, store=fast, spectrum="exact", exact_max_side=100)  # every matrix has side 128
+    ckptscope.ingest(wide_run, store=exact, analyzers="weights")
+    ckptscope.ingest(wide_run, store=fast, analyzers="weights", spectrum="exact", exact_max_side=100)  # every matrix has side 128
     ref, got = rows(exact), rows(fast)
     assert {v[1] for v in got.values()} == {"fast"}
     bounds = {"spectral_norm": fs.SPECTRAL_NORM_RTOL, "stable_rank": fs.STABLE_RANK_RTOL,
