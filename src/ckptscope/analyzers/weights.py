@@ -133,7 +133,8 @@ class WeightOptions(Options):
     rtol: float = option(1e-3, check=between(0, 1), help="Relative tolerance of numerical_rank: σ > rtol·σ₁ counts.")
     spectrum: str = option("exact", choices=TIERS, help=(
         "How singular values are obtained: exact (matrices whose smaller side exceeds --exact-max-side fall back to fast), "
-        "fast (Lanczos: spectral norm, top-k spectrum, estimated effective rank), none (norms only)."))
+        "fast (Lanczos: spectral norm, top-k spectrum, estimated effective rank), none (norms only). mp_fit, "
+        "if it runs, still computes every eigenvalue of the matrices it fits."))
     exact_max_side: int = option(EXACT_MAX_SIDE, check=at_least(1),
                                  help="Largest smaller side of a matrix whose spectrum --spectrum exact computes exactly.")
 
