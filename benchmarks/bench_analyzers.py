@@ -91,6 +91,8 @@ def main() -> None:
                     "(an empty string: none)")
     ap.add_argument("--repeats", type=int, default=1, help="runs of each set, alternating; the median is quoted")
     args = ap.parse_args()
+    if args.repeats < 1:
+        ap.error("--repeats must be at least 1")
     chosen = ["weights", *(a for a in args.analyzers.split(",") if a and a != "weights")]
     print(f"# {date.today()} {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
           f"torch {torch.__version__}, ckptscope {ckptscope.__version__}, pythia-{args.model} shapes", flush=True)

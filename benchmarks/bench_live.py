@@ -99,7 +99,7 @@ def ingest_once(run: Path, store: Path, name: str, with_reader: bool, work: Path
         time.sleep(3)  # the reader's interpreter is up and polling (for the store to appear) before the ingest starts
     t = time.perf_counter()
     with ckptscope.Store(store) as db:
-        report = ckptscope.ingest(run, store=db, name=name)
+        report = ckptscope.ingest(run, store=db, name=name, analyzers="weights")
     wall = time.perf_counter() - t
     result = {"wall": wall, "steps": report.height, "waited": db.lock_wait_s}
     if reader is not None:

@@ -72,7 +72,7 @@ def ingest_as_they_land(source: Path, run: Path, store: Path, names: list[str]) 
         while True:
             attempt = time.perf_counter()
             try:
-                ckptscope.ingest(run, store=store, name="bench", tokens_per_step=2_097_152)
+                ckptscope.ingest(run, store=store, name="bench", tokens_per_step=2_097_152, analyzers="weights")
                 break
             except StoreError as exc:
                 if "is locked" not in str(exc):
@@ -146,7 +146,7 @@ def main() -> None:
         (base / "run0").mkdir()
         for name in names[:2]:
             shutil.copytree(source / name, base / "run0" / name)
-        ckptscope.ingest(base / "run0", store=start_store, name="bench", tokens_per_step=2_097_152)
+        ckptscope.ingest(base / "run0", store=start_store, name="bench", tokens_per_step=2_097_152, analyzers="weights")
 
         def fresh(tag: str) -> tuple[Path, Path]:
             run, store = base / f"run-{tag}", base / f"{tag}.duckdb"

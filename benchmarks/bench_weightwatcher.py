@@ -139,7 +139,8 @@ def main() -> None:
                 ck_t.append(t)
                 store = Path(tmp) / "bench.duckdb"
                 store.unlink(missing_ok=True)
-                report = ckptscope.ingest(root, store=store, steps="500,1000", force=True, device=args.device)  # and 0, 2000: references
+                report = ckptscope.ingest(root, store=store, steps="500,1000", force=True, device=args.device,
+                                          analyzers="weights")  # and 0, 2000: references
                 full_t.append(report.filter(report["step"] == 1000)["seconds"].item())
             n, same, worst_norm, worst_alpha = compare(details, ours)
             w, c, f = statistics.median(ww_t), statistics.median(ck_t), statistics.median(full_t)

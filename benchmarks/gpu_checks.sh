@@ -8,6 +8,8 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 log="${1:-.}"
+mkdir -p "$log"
+failed=0
 export PYTHONUNBUFFERED=1 PYTHONPATH="src${PYTHONPATH:+:$PYTHONPATH}"
 if [ -f .whl/site.tar.xz ]; then
   mkdir -p /tmp/site && tar -C /tmp/site -xJf .whl/site.tar.xz && export PYTHONPATH="$PYTHONPATH:/tmp/site"
@@ -19,10 +21,13 @@ step() {  # step SECONDS NAME COMMAND...: run one check, its output also to LOG_
   local limit=$1 name=$2; shift 2
   echo "=== $name"
   timeout "$limit" "$@" 2>&1 | tee "$log/$name.txt"
-  echo "=== $name: exit ${PIPESTATUS[0]}"
+  local rc=${PIPESTATUS[0]}
+  echo "=== $name: exit $rc"
+  [ "$rc" -eq 0 ] || failed=1
 }
 step 240 tests python3 -m pytest -q -p no:cacheprovider -s tests/test_device.py tests/test_tiers.py -k "cuda or device"
 step 180 weightwatcher python3 benchmarks/bench_weightwatcher.py --sizes 70m,160m,410m --repeats 1 --device cuda
 step 60 tiers python3 benchmarks/bench_tiers.py --device cuda --repeats 1
 step 60 activations python3 benchmarks/bench_activations.py --models demo,70m --device cpu,cuda --repeats 2
 step 45 data_order python3 benchmarks/bench_data_order.py --sizes "" --models 70m,160m --device cuda
+exit "$failed"  # non-zero when any step failed or ran out of time

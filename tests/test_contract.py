@@ -169,6 +169,18 @@ def test_a_flat_option_beside_a_built_object_is_an_error_not_ignored(suite, tmp_
         assert {json.loads(p)["rtol"] for p in db.sql("SELECT parameters FROM runs")["parameters"]} == {0.01}
 
 
+def test_a_flat_option_reaches_the_analyzers_built_here_beside_a_built_one(suite):
+    """`batch_size` is declared by convergence and sequence_stats: beside a built convergence it is
+    not ignored (sequence_stats, built from a mapping, takes it), so it is no error; the built
+    object keeps its own value."""
+    from ckptscope.pipeline.driver import resolve
+
+    root, _, probe, _, _, _ = suite
+    built = registry.get("convergence").Options.build(probe=probe, batch_size=2)
+    _, _, chosen = resolve(root, {"convergence": built, "sequence_stats": {"corpus": probe}}, None, {"batch_size": 5})
+    assert {a.name: a.options.batch_size for a in chosen} == {"convergence": 2, "sequence_stats": 5}
+
+
 def test_declared_tables_keep_their_key_and_never_shadow_core_tables(tmp_path):
     """Rows of a declared table that repeat its key (within a step) are refused and nothing is
     written; a declared table named like a core table is refused too."""

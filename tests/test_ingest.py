@@ -34,8 +34,9 @@ def ingested(neox, tmp_path_factory):
 
 
 def metric_table(store: Path, where: str = "true") -> dict[tuple, float]:
+    """Whole-matrix rows (per-head circuit rows share a tensor and component across heads)."""
     with ckptscope.Store(store, read_only=True) as db:
-        df = db.sql(f"SELECT step, tensor, component, metric, value FROM metrics WHERE {where}")
+        df = db.sql(f"SELECT step, tensor, component, metric, value FROM metrics WHERE head IS NULL AND ({where})")
     return {(r[0], r[1], r[2], r[3]): r[4] for r in df.iter_rows()}
 
 
@@ -219,6 +220,31 @@ def test_rerun_skips_and_later_final_rebases(neox, tmp_path):
     with ckptscope.Store(store, read_only=True) as db:
         assert db.sql("SELECT count(*) FROM runs").item() == 4 * len(registry.DEFAULT)  # one per step and analyzer
         assert db.sql("SELECT count(*) - count(DISTINCT (step, tensor, component, metric, head)) FROM metrics").item() == 0
+
+
+def test_an_added_analyzer_runs_alone_on_steps_the_others_did(neox, tmp_path):
+    """A store made with `weights` (the old default) and ingested again with more analyzers: only
+    the new ones run on the stored steps, the weights rows stay as they were (same run ids)."""
+    states, config = neox
+    root = write_run(tmp_path / "run", {s: states[s] for s in (0, 2, 4)}, config)
+    store = tmp_path / "s.duckdb"
+    ckptscope.ingest(root, store=store, analyzers="weights")
+    query = "SELECT analyzer, step, run_id, created_at FROM runs ORDER BY ALL"
+    with ckptscope.Store(store, read_only=True) as db:
+        before = db.sql(query).rows()
+    write_run(root, {8: states[8]}, config)  # a new step runs every analyzer, and rebases final_* of the old ones
+    report = ckptscope.ingest(root, store=store, analyzers="weights,sparsity,circuits")
+    assert report["step"].to_list() == [0, 2, 4, 8]
+    with ckptscope.Store(store, read_only=True) as db:
+        after = db.sql(query).rows()
+        sparsity = db.sql("SELECT step, count(*) AS n FROM metrics WHERE analyzer = 'sparsity' AND metric = 'gini' "
+                          "GROUP BY step ORDER BY step").rows()
+    kept = {(a, s): r for a, s, r, _ in after}
+    assert all(kept[(a, s)] == r for a, s, r, _ in before)  # the stored weights runs were not redone
+    assert sorted({(a, s) for a, s, _, _ in after}) == sorted((a, s) for a in ("circuits", "sparsity", "weights")
+                                                               for s in (0, 2, 4, 8))
+    assert [s for s, _ in sparsity] == [0, 2, 4, 8] and len({n for _, n in sparsity}) == 1
+    assert ckptscope.ingest(root, store=store, analyzers="sparsity,weights").height == 0  # all done: nothing runs
 
 
 def test_explicit_step_paths_and_single_checkpoint(neox, tmp_path):

@@ -193,7 +193,9 @@ def test_bad_corpora_give_one_line_errors(run, tmp_path):
     bad_json = tmp_path / "bad.jsonl"
     bad_json.write_text('{"id": 1, "tokens": [1, 2]}\n{oops\n')
     floats = jsonl(tmp_path / "floats.jsonl", [{"id": 1, "tokens": [1.5, 2.0]}])
+    twice = jsonl(tmp_path / "twice.jsonl", [{"id": "a", "tokens": [1]}, {"id": "b", "tokens": [2]}, {"id": "a", "tokens": [3]}])
     for path, message in ((garbage, "cannot read it"), (bad_json, "line 2: not valid JSON"), (floats, "integer token ids"),
+                          (twice, "the id 'a' is used by more than one sequence"),
                           (tmp_path / "missing.jsonl", "no such file"), (tmp_path / "c.csv", "unknown format")):
         if path.suffix == ".csv":
             path.write_text("id,tokens\n")

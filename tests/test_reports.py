@@ -223,7 +223,7 @@ def test_one_model_report(one_model, browser, tmp_path):
     report = build_report(one_model, tmp_path / "one.html")
     assert report.stat().st_size < 6_000_000  # plotly.js (4.8 MB, embedded uncompressed) and the data
     info = open_report(browser, report, tmp_path / "one.png")
-    # overview + per metric (heatmap + lines) for the 6 default metrics + spectrum
+    # at least: overview + per metric (heatmap + lines) for the 6 default metrics + spectrum (then the heads section)
     assert_renders_cleanly(info, tmp_path / "one.png", min_charts=1 + 2 * 6 + 1)
     assert section_titles(browser) == ["Overview", "Layers over training: pythia-tiny", "Spectra", HEADS]
     alert = browser.execute_script("return document.querySelector('.alert').textContent")
@@ -268,7 +268,7 @@ def test_two_models_compared_at_relative_depth(two_models, browser, tmp_path):
     assert {"deep-4L", "shallow-2L"} <= set(legend)
     # the 4-layer model fills every quarter of depth, the 2-layer one only quarters 0 and 2
     with ckptscope.Store(two_models, read_only=True) as db:
-        bins = db.sql(f"SELECT DISTINCT model, depth_bin FROM ({q.compare_sql(['deep-4L', 'shallow-2L'], 'alpha', None)}) ORDER BY ALL")
+        bins = db.sql(f"SELECT DISTINCT model, depth_bin FROM ({q.compare_sql(['deep-4L', 'shallow-2L'], 'alpha', None, True)}) ORDER BY ALL")
     assert bins.rows() == [("deep-4L", 0), ("deep-4L", 1), ("deep-4L", 2), ("deep-4L", 3), ("shallow-2L", 0), ("shallow-2L", 2)]
 
 
@@ -529,6 +529,12 @@ def test_report_series_per_tensor(gpt2_store, tmp_path):
         assert {s["tensor"]: s["values"] for s in chart["series"]} == pytest.approx(stored, rel=1e-12)
     assert {(s["tensor"], s["component"]) for s in layerless["stable_rank"]["series"]} == {
         ("transformer.wte.weight", "embed"), ("transformer.wpe.weight", "embed"), ("lm_head.weight", "unembed")}
+    # per-head circuit rows (attn.ov, attn.qk) have their own section: never averaged over heads into a layer chart
+    [ranks] = [c for c in payload if c["type"] == "layers" and c["metric"] == "stable_rank"]
+    assert stored_series(gpt2_store, "stable_rank", "component = 'attn.ov' AND head IS NOT NULL")
+    assert {s["component"] for s in ranks["series"]} == {"attn.qkv", "attn.q", "attn.k", "attn.v", "attn.o", "mlp.in", "mlp.out"}
+    with pytest.raises(CkptscopeError, match="no stable_rank values for component attn.ov"):
+        metric_figure(gpt2_store, "stable_rank", component="attn.ov")
 
 
 # -- printing and headless capture, without --virtual-time-budget -------------------------------

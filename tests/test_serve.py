@@ -177,7 +177,7 @@ def test_new_checkpoints_appear_during_an_ingest(checkpoints, tmp_path):
 
 def test_api_formats_match_the_store(checkpoints, tmp_path):
     _, store = start_run(checkpoints, tmp_path, STEPS[:FIRST])
-    query = "SELECT step, tensor, metric, value FROM metrics WHERE metric = 'stable_rank' ORDER BY step, tensor"
+    query = "SELECT step, tensor, metric, value FROM metrics WHERE metric = 'stable_rank' ORDER BY ALL"
     with ckptscope.Store(store, read_only=True) as db:
         expected = db.sql(query)
         summary = db.summary()

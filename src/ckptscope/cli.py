@@ -122,13 +122,15 @@ class _Commands(click.Group):
 
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         limit = formatter.width - 6 - max(len(name) for name in self.list_commands(ctx))
-        def command(name: str) -> click.Command:
-            if name in self.LAZY and name not in self.commands:
-                return click.Command(name, help=self.SHORT_HELP[name])
-            return self.get_command(ctx, name)
-
+        rows = []
+        for name in self.list_commands(ctx):
+            cmd = (click.Command(name, help=self.SHORT_HELP[name]) if name in self.LAZY and name not in self.commands
+                   else self.get_command(ctx, name))  # lazy ones unimported: their help without torch
+            if cmd is None or cmd.hidden:
+                continue
+            rows.append((name, cmd.get_short_help_str(limit)))
         with formatter.section("Commands"):
-            formatter.write_dl([(name, command(name).get_short_help_str(limit)) for name in self.list_commands(ctx)])
+            formatter.write_dl(rows)
 
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
         if name in self.LAZY and name not in self.commands:

@@ -17,13 +17,18 @@ only then is it known which tokenizer that is.
 from __future__ import annotations
 
 import json
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ckptscope.errors import CkptscopeError
 from ckptscope.options import file_digest
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model", "vocab.txt")
 
@@ -103,6 +108,10 @@ def load_corpus(path: Path | str, what: str = "corpus") -> Corpus:
         raise CkptscopeError(f"--{what} {path}: cannot read it ({first})") from None
     if not ids:
         raise CkptscopeError(f"--{what} {path}: the file holds no sequences")
+    if len(set(ids)) < len(ids):  # results are keyed by id: a repeated one would collide only at the store
+        repeated = next(i for i, n in Counter(ids).items() if n > 1)
+        raise CkptscopeError(f"--{what} {path}: the id {repeated!r} is used by more than one sequence; give each "
+                             "sequence its own `id`")
     return Corpus(path, file_digest(path), ids, rows, seen, split)
 
 
@@ -112,7 +121,7 @@ def _token_array(value: object, where: str) -> np.ndarray:
         return np.zeros(0, dtype=np.int64)
     if arr.ndim != 1 or arr.dtype.kind not in "iu":
         raise CkptscopeError(f"{where}: `tokens` must be a list of integer token ids")
-    return arr.astype(np.int64)
+    return arr.astype(np.int64, copy=False)
 
 
 def _row(record: dict, index: int, where: str) -> tuple[str, np.ndarray | str, int | None, str | None]:
@@ -177,7 +186,7 @@ def _read_parquet(path: Path, what: str) -> tuple[list, list, list, list]:
     return ids, rows, seen, splits
 
 
-def _token_rows(table) -> list[np.ndarray] | None:
+def _token_rows(table: pa.Table) -> list[np.ndarray] | None:
     """A `tokens` column of integer lists without nulls as one int64 array sliced per row: a
     corpus of millions of tokens is read without a Python int per token (None: not that shape)."""
     import pyarrow as pa
@@ -189,7 +198,7 @@ def _token_rows(table) -> list[np.ndarray] | None:
         return None
     if col.null_count or col.values.null_count:
         return None
-    flat = col.values.to_numpy().astype(np.int64)
+    flat = col.values.to_numpy().astype(np.int64, copy=False)
     offsets = col.offsets.to_numpy()
     return [flat[a:b] for a, b in zip(offsets[:-1].tolist(), offsets[1:].tolist())]
 

@@ -40,7 +40,7 @@ MP_METRICS = ("sigma_mp", "bulk_max", "bulk_min", "mp_softrank", "num_spikes")
 @dataclass(frozen=True)
 class MPFitOptions(Options):
     rand_distance: bool = option(False, help="Also store rand_distance: a second eigensolve per matrix, of its entries "
-                                             "permuted (seeded by --seed and the tensor name, so reruns agree).")
+                                             "permuted (seeded by mp_fit's seed and the tensor name, so reruns agree).")
     seed: int = option(0, help="Seed of the entry permutation behind rand_distance.", check=at_least(0))
     min_evals: int = option(10, help="Skip matrices whose shorter side is below this (WeightWatcher's min_evals).",
                             check=at_least(1))

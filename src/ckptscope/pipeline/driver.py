@@ -122,12 +122,16 @@ def resolve(source: str | Path | SourceSpec, analyzers: Selection, executor: Exe
     runner = executor or ExecutorSpec.build({k: remaining.pop(k) for k in ExecutorSpec.names() if k in remaining})
     per_analyzer = dict(analyzers) if isinstance(analyzers, Mapping) else {}
     names = registry.names(list(per_analyzer) if per_analyzer else analyzers)
+    built = {n for n in names if isinstance(per_analyzer.get(n), Options)}
+    # A flat option reaches every analyzer built here that declares it; it is an error only where
+    # no such analyzer takes it and a built object would silently ignore it.
+    flat_takers = set().union(*(registry.get(n).Options.names() for n in names if n not in built))
     chosen = []
     for name in names:
         cls = registry.get(name)
         given = per_analyzer.get(name) or {}
-        if isinstance(given, Options):
-            _not_beside(f"analyzer {name}", cls.Options.names(), remaining)
+        if name in built:
+            _not_beside(f"analyzer {name}", cls.Options.names() - flat_takers, remaining)
         else:
             given = {**{k: v for k, v in remaining.items() if k in cls.Options.names()}, **given}
         chosen.append(registry.build(name, given))
@@ -274,7 +278,7 @@ class IngestRun:
                         following = p.todo[i + 1] if runner.prefetches and i + 1 < len(p.todo) else None
                         yield StepTask(source_spec, spec, step, tuple(p.ref(s) for s in self.all_steps), p.arch,
                                        pinned=tuple(p.available[s] for s in p.pinned), device=self.executor.device,
-                                       threads=runner.threads, counterparts=self.counterparts,
+                                       threads=runner.threads, counterparts=self.counterparts, skip=p.done.get(step, frozenset()),
                                        prefetch=p.available[following] if following is not None else None)
 
                 self.in_a_row = 0  # failures since the last step that came back

@@ -40,6 +40,7 @@ class Plan:
     retokenize: int | None = None  # --force with a new --tokens-per-step: rewrite the stored tokens
     fill_tokens: bool = False  # retokenize only steps whose tokens were unknown
     cached: dict[int, CheckpointRef] = field(default_factory=dict)  # stored steps kept in the reference cache
+    done: dict[int, frozenset[str]] = field(default_factory=dict)  # step to do -> analyzers (run names) stored for it
 
     def ref(self, step: int) -> CheckpointRef:
         """Where a step is opened: a stored step serving as a reference from the reference cache (a trainer
@@ -124,9 +125,10 @@ def reconcile(plan: Plan, store: Store, analyzers: list[Analyzer], *, force: boo
     _check_tokens(plan, store, tokens_per_step, force=force)
     for a in analyzers:
         _check_parameters(plan, store, a, force=force)
-    if not force:
-        done = set.intersection(*(store.steps_done(plan.model, a.run_name) for a in analyzers))
-        plan.todo = [s for s in plan.todo if s not in done]
+    if not force:  # a step some analyzers already did runs only the others (adding one never redoes the rest)
+        stored = {a.run_name: store.steps_done(plan.model, a.run_name) for a in analyzers}
+        plan.done = {s: frozenset(n for n, steps in stored.items() if s in steps) for s in plan.todo}
+        plan.todo = [s for s in plan.todo if len(plan.done[s]) < len(stored)]
     hashes = dict(store.sql("SELECT step, content_hash FROM checkpoints WHERE model = ? AND status = 'ok'", [plan.model]).rows())
     stored_ok = set(hashes)
     plan.cached = cache.refs(hashes) if cache is not None else {}

@@ -155,6 +155,7 @@ class StepTask:
     threads: int | None = None  # torch threads of the worker process; None leaves them
     prefetch: CheckpointRef | None = None  # the step this process analyzes next (in-process runs)
     counterparts: tuple[tuple[SameStep, SourceSpec], ...] = ()  # SameStep references, resolved by the driver to sources
+    skip: frozenset[str] = frozenset()  # analyzers (run names) whose rows for this step are stored already
 
 
 @dataclass
@@ -258,7 +259,7 @@ class StepWorker:
             result.n_tensors = len(result.tensors["tensor"])
             result.trainer_state = read_trainer_state(ckpt.path)
             shared: dict = {}
-            for a in self.analyzers:
+            for a in (a for a in self.analyzers if a.run_name not in task.skip):
                 progress = Progress() if reporter is None else Progress(
                     lambda total, a=a: reporter.start(task.step, a.name, a.unit, total), reporter.advance)
                 keys = a.references(a.options)

@@ -267,7 +267,7 @@ ORDER BY model, step"""
         return Section(f"model-{self.sel.models.index(model)}", f"Layers over training: {model}", intro, charts)
 
     def _layer_chart(self, model: str, metric: str, components: Sequence[str] | None) -> Chart | None:
-        sql = q.layer_grid_sql(model, metric, components)
+        sql = q.layer_grid_sql(model, metric, components, self.sel.heads)
         df = self.db.sql(sql)
         if not df.height:
             return None
@@ -287,7 +287,7 @@ ORDER BY model, step"""
                            [sql], spec, plots=2, choices=labels)
 
     def _layerless_chart(self, model: str, metric: str, components: Sequence[str] | None) -> Chart | None:
-        sql = q.layerless_sql(model, metric, components)
+        sql = q.layerless_sql(model, metric, components, self.sel.heads)
         df = self.db.sql(sql)
         if not df.height:
             return None
@@ -301,7 +301,7 @@ ORDER BY model, step"""
     def _compare_section(self) -> Section:
         charts = []
         for metric in self.sel.metrics:
-            sql = q.compare_sql(self.sel.models, metric, self.sel.components)
+            sql = q.compare_sql(self.sel.models, metric, self.sel.components, self.sel.heads)
             df = self.db.sql(sql)
             if not df.height:
                 continue
@@ -408,7 +408,7 @@ ORDER BY model, step"""
 
     def _spectrum_chart(self, model: str) -> Chart | None:
         """Every matrix of `model` with a spectrum, at up to SPECTRUM_STEPS steps; the selector picks one."""
-        heads = _column(self.db, "spectra", "head")
+        heads = self.sel.heads
         candidates = self.db.sql(q.spectrum_candidates_sql(model, self.sel.components, heads))
         if not candidates.height:
             return None
@@ -585,12 +585,6 @@ ORDER BY model, step"""
 def _relation(db: Store, name: str) -> bool:
     """Whether a table or view exists (stores made by older versions may lack it)."""
     return bool(db.sql("SELECT count(*) FROM information_schema.tables WHERE table_name = ?", [name]).item())
-
-
-def _column(db: Store, table: str, column: str) -> bool:
-    """Whether `table` has `column` (a store opened read-only is not migrated, so an old one may lack it)."""
-    return bool(db.sql("SELECT count(*) FROM information_schema.columns WHERE table_name = ? AND column_name = ?",
-                       [table, column]).item())
 
 
 def _cell_order(key: tuple) -> tuple:

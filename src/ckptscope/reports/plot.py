@@ -55,8 +55,8 @@ def metric_figure(store: Path | str, metric: str, *, model: str | None = None, c
             if len(models) > 1:
                 raise CkptscopeError(f"the store holds {len(models)} models ({', '.join(models)}); pick one with --model")
             model = models[0]
-        q.select(db, [model], [metric], [component] if component else None)
-        df = db.sql(q.metric_series_sql(model, metric, component))
+        sel = q.select(db, [model], [metric], [component] if component else None)
+        df = db.sql(q.metric_series_sql(model, metric, component, sel.heads))
     if not df.height:
         raise CkptscopeError(f"model {model} has no {metric} values for component {component}; "
                              "`ckptscope sql` on the metrics view shows which components have it")

@@ -48,6 +48,7 @@ class Selection:
     models: list[str]
     metrics: list[str]
     components: list[str] | None  # None: every component each metric has
+    heads: bool  # whether the store has the `head` column (stores before migration 0003 do not)
 
 
 def _refuse_unknown(asked: Sequence[str], known: Sequence[str], what: str) -> None:
@@ -84,7 +85,14 @@ def select(db: Store, models: Sequence[str] | None, metrics: Sequence[str] | Non
         known_components = db.sql(f"SELECT DISTINCT component FROM metric_values WHERE {in_list('model', chosen_models)} "
                                   "ORDER BY component")["component"].to_list()
         _refuse_unknown(components, known_components, "component(s)")
-    return Selection(chosen_models, chosen_metrics, list(components) if components else None)
+    return Selection(chosen_models, chosen_metrics, list(components) if components else None,
+                     has_column(db, "metric_values", "head") and has_column(db, "spectra", "head"))
+
+
+def has_column(db: Store, table: str, column: str) -> bool:
+    """Whether `table` has `column` (a store opened read-only is not migrated, so an old one may lack it)."""
+    return bool(db.sql("SELECT count(*) FROM information_schema.columns WHERE table_name = ? AND column_name = ?",
+                       [table, column]).item())
 
 
 def has_metric(db: Store, sel: Selection, metric: str) -> bool:
@@ -100,6 +108,13 @@ def has_rows(db: Store, relation: str, sel: Selection) -> bool:
 
 def _component_filter(components: Sequence[str] | None) -> str:
     return f"\n  AND {in_list('component', components)}" if components else ""
+
+
+def _whole_matrices(heads: bool) -> str:
+    """Leave out per-head rows (the circuits analyzer's) where the store has a `head` column: one
+    value or histogram per matrix, never all of a layer's heads pooled into one (per-head figures
+    have their own queries)."""
+    return " AND head IS NULL" if heads else ""
 
 
 # -- overview -------------------------------------------------------------------------------
@@ -159,7 +174,7 @@ def tensor_pattern(layer_column: str = "layer") -> str:
             "ELSE tensor END")
 
 
-def layer_grid_sql(model: str, metric: str, components: Sequence[str] | None) -> str:
+def layer_grid_sql(model: str, metric: str, components: Sequence[str] | None, heads: bool) -> str:
     """One value per (component, tensor pattern, layer, step): one matrix each, never a mean of several.
 
     Only repeated measurements of the same matrix (several analyzer runs) are averaged.
@@ -167,36 +182,36 @@ def layer_grid_sql(model: str, metric: str, components: Sequence[str] | None) ->
     return f"""SELECT component, {tensor_pattern()} AS pattern, layer, step, any_value(tokens) AS tokens,
        any_value(tensor) AS tensor, avg(value) AS value
 FROM metrics
-WHERE model = {literal(model)} AND metric = {literal(metric)} AND layer IS NOT NULL{_component_filter(components)}
+WHERE model = {literal(model)} AND metric = {literal(metric)} AND layer IS NOT NULL{_whole_matrices(heads)}{_component_filter(components)}
 GROUP BY component, pattern, layer, step
 ORDER BY component, pattern, layer, step"""
 
 
-def layerless_sql(model: str, metric: str, components: Sequence[str] | None) -> str:
+def layerless_sql(model: str, metric: str, components: Sequence[str] | None, heads: bool) -> str:
     """Tensors without a layer (embeddings, unembedding, final norm): one series per tensor."""
     return f"""SELECT component, tensor, step, any_value(tokens) AS tokens, avg(value) AS value
 FROM metrics
-WHERE model = {literal(model)} AND metric = {literal(metric)} AND layer IS NULL{_component_filter(components)}
+WHERE model = {literal(model)} AND metric = {literal(metric)} AND layer IS NULL{_whole_matrices(heads)}{_component_filter(components)}
 GROUP BY component, tensor, step
 ORDER BY component, tensor, step"""
 
 
-def metric_series_sql(model: str, metric: str, component: str | None) -> str:
+def metric_series_sql(model: str, metric: str, component: str | None, heads: bool) -> str:
     """Every tensor's values, with and without a layer, for static figures: one line per tensor."""
     return f"""SELECT component, layer, tensor, {tensor_pattern()} AS pattern, step, avg(value) AS value
 FROM metrics
-WHERE model = {literal(model)} AND metric = {literal(metric)}{_component_filter([component] if component else None)}
+WHERE model = {literal(model)} AND metric = {literal(metric)}{_whole_matrices(heads)}{_component_filter([component] if component else None)}
 GROUP BY component, layer, tensor, step
 ORDER BY component, layer NULLS FIRST, tensor, step"""
 
 
-def compare_sql(models: Sequence[str], metric: str, components: Sequence[str] | None) -> str:
+def compare_sql(models: Sequence[str], metric: str, components: Sequence[str] | None, heads: bool) -> str:
     """Layers pooled into DEPTH_BINS bins of relative depth, so models of any depth share an axis."""
     return f"""SELECT model, component, least(floor(relative_depth * {DEPTH_BINS}), {DEPTH_BINS - 1})::INTEGER AS depth_bin,
        step, any_value(tokens) AS tokens, any_value(progress) AS progress,
        min(layer) AS first_layer, max(layer) AS last_layer, avg(value) AS value
 FROM layer_metrics
-WHERE metric = {literal(metric)} AND relative_depth IS NOT NULL AND {in_list('model', models)}{_component_filter(components)}
+WHERE metric = {literal(metric)} AND relative_depth IS NOT NULL AND {in_list('model', models)}{_whole_matrices(heads)}{_component_filter(components)}
 GROUP BY model, component, depth_bin, step
 ORDER BY model, component, depth_bin, step"""
 
@@ -223,12 +238,6 @@ ORDER BY s.model, s.step"""
 
 
 # -- spectra --------------------------------------------------------------------------------
-
-def _whole_matrices(heads: bool) -> str:
-    """Leave out per-head rows (the circuits analyzer's) where the store has a `head` column: one
-    histogram per matrix, never all of a layer's heads pooled into one."""
-    return " AND head IS NULL" if heads else ""
-
 
 def spectrum_candidates_sql(model: str, components: Sequence[str] | None, heads: bool) -> str:
     """Every matrix of `model` with a stored spectrum, with and without a layer; the report offers each.
