@@ -132,7 +132,7 @@ def test_bad_corpora_are_one_line_errors(suite, tmp_path):
         assert "\n" not in str(exc.value)
         return str(exc.value)
 
-    assert "occurs more than once" in run([{"id": "a", "tokens": [1, 2]}, {"id": "a", "tokens": [3, 4]}])
+    assert "the id 'a' is used by more than one sequence" in run([{"id": "a", "tokens": [1, 2]}, {"id": "a", "tokens": [3, 4]}])
     assert "outside the model's vocabulary of 512" in run([{"id": "a", "tokens": [1, 512]}])
     assert "the model has 128" in run([{"id": "a", "tokens": [1] * 130}])  # 129 inputs > 128 positions
     with pytest.raises(CkptscopeError, match="--corpus .*no such file"):

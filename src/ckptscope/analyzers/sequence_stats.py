@@ -100,9 +100,6 @@ class SequenceStatsAnalyzer(Analyzer):
         if self._seqs is None:
             self._corpus = self._corpus or load_corpus(self.options.corpus, "corpus")
             seqs, self._skipped = require_length(self._corpus.sequences(tokenizer_dirs(ctx)), 2, self._corpus.path)
-            if len(set(seqs.ids)) < len(seqs.ids):
-                dup = next(i for i in seqs.ids if seqs.ids.count(i) > 1)
-                raise CkptscopeError(f"{self._corpus.path}: sequence id {dup!r} occurs more than once; ids must be unique")
             self._seqs = seqs.subset(sorted(range(len(seqs)), key=lambda i: len(seqs.tokens[i])))  # shortest first: less padding
         check_vocab(self._seqs, model.vocab_size, self.options.corpus)
         longest = max(len(t) for t in self._seqs.tokens) - 1  # inputs: every token but the last
