@@ -359,21 +359,51 @@ def test_fit_matches_weightwatcher_wwfit(name: str) -> None:
 
 
 def test_fit_tie_break_takes_smallest_xmin(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Equal KS distances: the first candidate (smallest x_min) wins, like np.argmin in WW."""
+    """Equal KS distances: the first candidate (smallest x_min) wins, like np.argmin in WW, in the
+    large-sample search (bounds, then exact rows) and in the small-sample fit."""
     from ckptscope.analyzers import spectral
 
     x = np.array([1.0, 1.0, 2.0, 3.0] + list(range(4, 24)), dtype=np.float64)
     count = x.size - 1
-    alphas = np.linspace(2.0, 3.0, count)
     dists = np.full(count, 0.5)
-    dists[[1, 3, 7]] = 0.1  # three-way tie; index 1 is the 2nd of the tied pair x[0] == x[1]
-    fake = lambda data, bias: (alphas, dists, np.ones(count))  # noqa: E731
-    monkeypatch.setattr(spectral, "_candidate_fits", fake)
+    dists[[7, 3, 1]] = 0.1  # three-way tie; index 1 is the 2nd of the tied pair x[0] == x[1]
+    monkeypatch.setattr(spectral, "_ks_distances", lambda logs, rows, alphas, tails, columns: dists[rows])
     fit = fit_power_law(x)
-    assert fit.alpha == alphas[1]
+    assert fit.alpha == spectral._candidate_fits(x, bias=0)[0][1]
     assert fit.xmin == 1.0
     assert fit.ks_distance == 0.1
     assert fit.num_pl_spikes == x.size  # the tie below index 1 counts too (λ >= x_min)
+
+    small = x[:12]  # under 20 eigenvalues: WW's small-N fit, tails of at least 8
+    alphas, tied = np.linspace(2.0, 3.0, small.size - 1), np.full(small.size - 1, 0.5)
+    tied[[3, 1]] = 0.1
+    monkeypatch.setattr(spectral, "_candidate_fits", lambda data, bias: (alphas, tied, np.ones(small.size - 1)))
+    fit = fit_power_law(small)
+    assert (fit.alpha, fit.xmin, fit.ks_distance) == (alphas[1], 1.0, 0.1)
+
+
+def test_large_sample_search_equals_the_full_argmin() -> None:
+    """The bounded search of the large-sample fit picks, to the bit, what argmin over every
+    candidate's exact KS distance picks: heavy-tailed, Gaussian and low-rank-plus-noise spectra
+    of 20 to 1500 eigenvalues."""
+    from ckptscope.analyzers import spectral
+
+    rng = np.random.default_rng(1)
+    checked = 0
+    for trial in range(150):
+        n = int(rng.integers(20, 1500))
+        m = n + int(rng.integers(0, 3 * n))
+        w = (rng.standard_t(2 + trial % 5, size=(m, n)) if trial % 3 == 0 else rng.standard_normal((m, n)) if trial % 3 == 1
+             else rng.standard_normal((m, 8)) @ rng.standard_normal((8, n)) + 0.01 * rng.standard_normal((m, n)))
+        ev = np.linalg.eigvalsh(w.T @ w / m)
+        x = np.sort(ev[ev > spectral.EVALS_THRESH])
+        if x.size < 20:
+            continue
+        alphas, dists, _ = spectral._candidate_fits(x, bias=0)
+        want = int(np.argmin(dists))
+        assert spectral._best_candidate(x) == (want, alphas[want], dists[want]), (trial, n)
+        checked += 1
+    assert checked > 100
 
 
 def test_fit_degenerate_inputs_are_nan() -> None:
