@@ -8,10 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from click.testing import CliRunner
 from safetensors.numpy import load_file
 
 import ckptscope
 from ckptscope.analyzers import registry
+from ckptscope.cli import main
 from runs import neox_state, trajectory, write_checkpoint, write_run
 
 STEPS = [0, 1, 2, 4, 8]
@@ -245,6 +247,34 @@ def test_an_added_analyzer_runs_alone_on_steps_the_others_did(neox, tmp_path):
                                                                for s in (0, 2, 4, 8))
     assert [s for s, _ in sparsity] == [0, 2, 4, 8] and len({n for _, n in sparsity}) == 1
     assert ckptscope.ingest(root, store=store, analyzers="sparsity,weights").height == 0  # all done: nothing runs
+
+
+def test_partial_steps_need_only_the_references_of_what_runs_and_the_same_weights(neox, tmp_path):
+    """Adding circuits (no references) to a weights store whose middle steps left the source (and
+    the reference cache) works; a stored step whose files changed since is refused for the
+    analyzers that would run on it, never mixed with the rows of the old files."""
+    import shutil
+
+    states, config = neox
+    root = write_run(tmp_path / "run", {s: states[s] for s in (0, 2, 4, 8)}, config)
+    store = tmp_path / "s.duckdb"
+    ckptscope.ingest(root, store=store, analyzers="weights")
+    shutil.rmtree(root / "step4")  # the previous step of step 8; the cache holds steps 0 and 8 only
+    assert ckptscope.ingest(root, store=store, analyzers="weights,circuits")["step"].to_list() == [0, 2, 8]
+    write_checkpoint(root / "step2", states[1], config)  # step 2 rewritten with other weights
+    res = CliRunner().invoke(main, ["ingest", str(root), "--store", str(store), "--analyzers", "weights,sparsity"])
+    assert res.exit_code == 1, res.output
+    assert "step 2 changed since analyzer(s) weights analyzed it" in res.output and "--force" in res.output
+    sparsity = "SELECT step FROM runs WHERE analyzer = 'sparsity' ORDER BY step"
+    with ckptscope.Store(store, read_only=True) as db:
+        assert db.sql(sparsity)["step"].to_list() == [0]  # a failed step stops an in-process run: 8 not started
+    write_run(root, {4: states[4]}, config)  # --force recomputes the first and final steps too: 8 needs 4 again
+    ckptscope.ingest(root, store=store, analyzers="weights,sparsity", force=True, steps="2")
+    ckptscope.ingest(root, store=store, analyzers="weights,sparsity")
+    with ckptscope.Store(store, read_only=True) as db:
+        assert db.sql(sparsity)["step"].to_list() == [0, 2, 4, 8]
+    got = metric_table(store, "step = 2 AND metric = 'frobenius_norm'")[(2, QKV, "attn.qkv", "frobenius_norm")]
+    assert got == pytest.approx(np.linalg.norm(load(root, 2)[QKV].astype(np.float64)), rel=1e-9)  # the new weights
 
 
 def test_explicit_step_paths_and_single_checkpoint(neox, tmp_path):

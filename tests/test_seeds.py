@@ -208,6 +208,24 @@ def test_phases_recover_a_planted_two_regime_sequence(tmp_path: Path) -> None:
     assert again.equals(first)
 
 
+def test_phase_features_are_means_over_whole_matrices(seed_store: Path, tmp_path: Path) -> None:
+    """circuits' per-head rows share metric names with weights' (stable_rank, ...): the features
+    average whole matrices only, never the heads pooled in."""
+    from ckptscope.phases import features
+
+    store = tmp_path / "heads.duckdb"
+    ingest(seed_store.parent / "runs" / "seed1", store=store, name="m", analyzers="weights,circuits", steps="0,32")
+    with Store(store, read_only=True) as db:
+        got = features(db, ["m"], ("stable_rank", "frobenius_norm"))
+        want = db.sql("SELECT step, avg(value) FILTER (WHERE metric = 'stable_rank') AS stable_rank, "
+                      "avg(value) FILTER (WHERE metric = 'frobenius_norm') AS frobenius_norm FROM metric_values "
+                      "WHERE run_id IN (SELECT run_id FROM runs WHERE analyzer = 'weights') AND layer IS NOT NULL "
+                      "GROUP BY step ORDER BY step")
+        heads = db.sql("SELECT count(*) FROM metric_values WHERE head IS NOT NULL AND metric = 'stable_rank'").item()
+    assert heads > 0
+    assert got.select("step", "stable_rank", "frobenius_norm").rows() == pytest.approx(want.rows(), rel=1e-12)
+
+
 def test_phases_on_the_real_group(seed_store: Path) -> None:
     out = _cli("phases", "demo-seeds", "--store", str(seed_store))
     assert out.returncode == 0, out.stderr

@@ -38,11 +38,12 @@ RESTARTS = 5
 
 
 def features(db: Store, models: list[str], metrics: tuple[str, ...]) -> pl.DataFrame:
-    """model, step, one column per metric: the mean over layer tensors at steps where every metric is present."""
+    """model, step, one column per metric: the mean over layer tensors (whole matrices) at steps where every metric is present."""
+    whole = " AND head IS NULL" if db.has_column("metric_values", "head") else ""  # not circuits' per-head rows
     rows = db.sql(f"""
         SELECT model, step, metric, avg(value) AS value FROM metric_values
         WHERE model IN ({', '.join('?' * len(models))}) AND metric IN ({', '.join('?' * len(metrics))})
-          AND layer IS NOT NULL AND isfinite(value)
+          AND layer IS NOT NULL AND isfinite(value){whole}
         GROUP BY model, step, metric""", [*models, *metrics])
     missing = sorted(set(metrics) - set(rows["metric"].unique().to_list()))
     if missing:

@@ -198,7 +198,7 @@ def _token_rows(table: pa.Table) -> list[np.ndarray] | None:
         return None
     if col.null_count or col.values.null_count:
         return None
-    flat = col.values.to_numpy().astype(np.int64, copy=False)
+    flat = col.values.to_numpy().astype(np.int64)  # a copy: Arrow's buffer is read-only, torch wants writable
     offsets = col.offsets.to_numpy()
     return [flat[a:b] for a, b in zip(offsets[:-1].tolist(), offsets[1:].tolist())]
 

@@ -279,6 +279,7 @@ class IngestRun:
                         yield StepTask(source_spec, spec, step, tuple(p.ref(s) for s in self.all_steps), p.arch,
                                        pinned=tuple(p.available[s] for s in p.pinned), device=self.executor.device,
                                        threads=runner.threads, counterparts=self.counterparts, skip=p.done.get(step, frozenset()),
+                                       stored_hash=p.hashes.get(step) if p.done.get(step) else None,
                                        prefetch=p.available[following] if following is not None else None)
 
                 self.in_a_row = 0  # failures since the last step that came back

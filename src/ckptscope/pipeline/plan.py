@@ -41,6 +41,11 @@ class Plan:
     fill_tokens: bool = False  # retokenize only steps whose tokens were unknown
     cached: dict[int, CheckpointRef] = field(default_factory=dict)  # stored steps kept in the reference cache
     done: dict[int, frozenset[str]] = field(default_factory=dict)  # step to do -> analyzers (run names) stored for it
+    hashes: dict[int, str] = field(default_factory=dict)  # stored step -> its content_hash
+
+    def running(self, step: int, analyzers: list[Analyzer]) -> list[Analyzer]:
+        """The analyzers that run on `step`: those without stored rows for it."""
+        return [a for a in analyzers if a.run_name not in self.done.get(step, frozenset())]
 
     def ref(self, step: int) -> CheckpointRef:
         """Where a step is opened: a stored step serving as a reference from the reference cache (a trainer
@@ -129,7 +134,8 @@ def reconcile(plan: Plan, store: Store, analyzers: list[Analyzer], *, force: boo
         stored = {a.run_name: store.steps_done(plan.model, a.run_name) for a in analyzers}
         plan.done = {s: frozenset(n for n, steps in stored.items() if s in steps) for s in plan.todo}
         plan.todo = [s for s in plan.todo if len(plan.done[s]) < len(stored)]
-    hashes = dict(store.sql("SELECT step, content_hash FROM checkpoints WHERE model = ? AND status = 'ok'", [plan.model]).rows())
+    hashes = plan.hashes = dict(store.sql("SELECT step, content_hash FROM checkpoints WHERE model = ? AND status = 'ok'",
+                                          [plan.model]).rows())
     stored_ok = set(hashes)
     plan.cached = cache.refs(hashes) if cache is not None else {}
     every = stored_ok | set(plan.todo)
@@ -146,7 +152,8 @@ def reconcile(plan: Plan, store: Store, analyzers: list[Analyzer], *, force: boo
         ordered = sorted(every)
         for i, step in enumerate(ordered[1:], 1):
             before = ordered[i - 1]
-            if step in plan.todo and before not in plan.available and before not in plan.cached:
+            if (step in plan.todo and before not in plan.available and before not in plan.cached
+                    and "previous" in roles(plan.running(step, analyzers))):
                 raise SourceError(
                     f"step {before}, the step before step {step} of model {plan.model!r} in the store, is no longer in the "
                     f"source{where}; delta_prev_* of step {step} is taken against it: restore it, or ingest into another --name"

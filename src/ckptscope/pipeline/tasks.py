@@ -156,6 +156,7 @@ class StepTask:
     prefetch: CheckpointRef | None = None  # the step this process analyzes next (in-process runs)
     counterparts: tuple[tuple[SameStep, SourceSpec], ...] = ()  # SameStep references, resolved by the driver to sources
     skip: frozenset[str] = frozenset()  # analyzers (run names) whose rows for this step are stored already
+    stored_hash: str | None = None  # the step's content_hash in the store, when `skip` is not empty
 
 
 @dataclass
@@ -192,8 +193,6 @@ class StepWorker:
         self.ckpts = Checkpoints(source, {})
         self.others = Counterparts()
         self.missing: dict[int, tuple[str, str]] = {}  # step -> (revision, why)
-        declared = {r for a in analyzers for r in a.references(a.options)}
-        self.roles = {r for r in declared if r in ROLES}
 
     def run(self, task: StepTask, reporter: Reporter | None = None) -> StepResult:
         """Analyze `task.step` against first = the first openable candidate before it, previous =
@@ -203,6 +202,8 @@ class StepWorker:
         A candidate without weights (MissingRevision) is skipped and reported, never fatal.
         """
         started = time.perf_counter()
+        running = [a for a in self.analyzers if a.run_name not in task.skip]
+        roles = {r for a in running for r in a.references(a.options) if r in ROLES}  # only the references they use
         self.ckpts.refs.update((ref.step, ref) for ref in (*task.candidates, *task.pinned))
         steps = [ref.step for ref in task.candidates if ref.step not in self.missing]
         arch, result = task.architecture, StepResult(task.step)
@@ -230,14 +231,14 @@ class StepWorker:
                 return result
             idx = steps.index(task.step)
             wanted = {task.step, *(ref.step for ref in task.pinned)}
-            wanted |= {steps[0]} if "first" in self.roles else set()
-            wanted |= {steps[idx - 1] if idx else task.step} if "previous" in self.roles else set()
-            wanted |= {steps[-1]} if "final" in self.roles else set()
+            wanted |= {steps[0]} if "first" in roles else set()
+            wanted |= {steps[idx - 1] if idx else task.step} if "previous" in roles else set()
+            wanted |= {steps[-1]} if "final" in roles else set()
             self.ckpts.keep_only(wanted)
             if task.prefetch is not None:
                 self.source.prefetch(task.prefetch)
             refs: dict[str | int, Checkpoint | None] = {}
-            if "first" in self.roles:
+            if "first" in roles:
                 refs["first"] = pick(steps[:idx])
             ckpt = pick([task.step])
             if ckpt is None:
@@ -245,21 +246,24 @@ class StepWorker:
             for key, spec in task.counterparts:
                 refs[key] = self.others.get(spec, task.step)
             idx = steps.index(task.step)
-            if "previous" in self.roles:
+            if "previous" in roles:
                 refs["previous"] = pick(steps[idx - 1 :: -1] if idx else [])
-            if "final" in self.roles:
+            if "final" in roles:
                 refs["final"] = pick(steps[: idx : -1])
             for ref in task.pinned:
                 refs[ref.step] = None if ref.step == task.step else pick([ref.step])
                 if ref.step != task.step and refs[ref.step] is None:
                     raise SourceError(f"reference step {ref.step} has no weights in the source; choose another --reference-step")
             result.revision, result.content_hash = ckpt.revision, ckpt.content_hash()
+            if task.skip and task.stored_hash not in (None, result.content_hash):
+                raise SourceError(f"step {task.step} changed since analyzer(s) {', '.join(sorted(task.skip))} analyzed it "
+                                  "(its weight files hash differently); add --force to recompute it with every analyzer")
             result.source = str(ckpt.path) if self.source.kind == "local" else self.source.id
             result.tensors = tensor_rows(ckpt, arch.family)
             result.n_tensors = len(result.tensors["tensor"])
             result.trainer_state = read_trainer_state(ckpt.path)
             shared: dict = {}
-            for a in (a for a in self.analyzers if a.run_name not in task.skip):
+            for a in running:
                 progress = Progress() if reporter is None else Progress(
                     lambda total, a=a: reporter.start(task.step, a.name, a.unit, total), reporter.advance)
                 keys = a.references(a.options)

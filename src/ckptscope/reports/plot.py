@@ -58,7 +58,8 @@ def metric_figure(store: Path | str, metric: str, *, model: str | None = None, c
         sel = q.select(db, [model], [metric], [component] if component else None)
         df = db.sql(q.metric_series_sql(model, metric, component, sel.heads))
     if not df.height:
-        raise CkptscopeError(f"model {model} has no {metric} values for component {component}; "
+        raise CkptscopeError(f"model {model} has no {metric} values for component {component} (per-head rows, such as "
+                             "attn.ov and attn.qk, are left out: `ckptscope report` draws them per head); "
                              "`ckptscope sql` on the metrics view shows which components have it")
     return _figure(df, model, metric)
 

@@ -86,13 +86,7 @@ def select(db: Store, models: Sequence[str] | None, metrics: Sequence[str] | Non
                                   "ORDER BY component")["component"].to_list()
         _refuse_unknown(components, known_components, "component(s)")
     return Selection(chosen_models, chosen_metrics, list(components) if components else None,
-                     has_column(db, "metric_values", "head") and has_column(db, "spectra", "head"))
-
-
-def has_column(db: Store, table: str, column: str) -> bool:
-    """Whether `table` has `column` (a store opened read-only is not migrated, so an old one may lack it)."""
-    return bool(db.sql("SELECT count(*) FROM information_schema.columns WHERE table_name = ? AND column_name = ?",
-                       [table, column]).item())
+                     db.has_column("metric_values", "head") and db.has_column("spectra", "head"))
 
 
 def has_metric(db: Store, sel: Selection, metric: str) -> bool:

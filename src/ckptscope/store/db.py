@@ -232,6 +232,11 @@ class Store:
             except duckdb.Error as exc:
                 raise StoreError(f"query failed: {_one_line(exc)}") from None
 
+    def has_column(self, table: str, column: str) -> bool:
+        """Whether `table` has `column` (a store opened read-only is not migrated, so an old one may lack it)."""
+        return bool(self.sql("SELECT count(*) FROM information_schema.columns WHERE table_name = ? AND column_name = ?",
+                             [table, column]).item())
+
     def sql_arrow(self, query: str, *, max_rows: int | None = None, max_bytes: int | None = None) -> pa.Table:
         """Like `sql` (same refusals), as an Arrow table fetched in batches, refused as soon as it
         passes `max_rows` rows or `max_bytes` bytes: a server's bound on what one query may take."""
