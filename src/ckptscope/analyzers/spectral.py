@@ -211,6 +211,16 @@ def _tail_sums(x: np.ndarray, logs: np.ndarray) -> np.ndarray:
     return sums
 
 
+def _mle(x: np.ndarray, bias: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """ln x, tail sizes n_i, tail sums s_i and MLE alpha_i = 1 + (n_i - bias)/s_i of every x_min candidate."""
+    logs = np.log(x)
+    tails = (x.size - np.arange(x.size - 1)).astype(np.float64)
+    sums = _tail_sums(x, logs)
+    with np.errstate(divide="ignore"):
+        alphas = 1.0 + (tails - bias) / sums  # s = 0 (all-tied tail) -> alpha = inf
+    return logs, tails, sums, alphas
+
+
 def _ks_distances(logs: np.ndarray, rows: np.ndarray, alphas: np.ndarray, tails: np.ndarray,
                   columns: np.ndarray) -> np.ndarray:
     """max over `columns` (indices j, ascending) of |1 - (x_j/x_i)^(1-alpha_i) - max(j-i, 0)/n_i| for
@@ -245,12 +255,8 @@ def _candidate_fits(x: np.ndarray, *, bias: int) -> tuple[np.ndarray, np.ndarray
     D = max_{j≥i} |1 - (x_j/x_i)^(1-alpha) - (j-i)/n|. O(len(x)²) work, in row blocks
     of at most _FIT_BLOCK_CELLS cells, restricted to columns j ≥ the block's first row.
     """
-    logs = np.log(x)
+    logs, tails, sums, alphas = _mle(x, bias)
     count = x.size - 1
-    tails = (x.size - np.arange(count)).astype(np.float64)
-    sums = _tail_sums(x, logs)
-    with np.errstate(divide="ignore"):
-        alphas = 1.0 + (tails - bias) / sums  # s = 0 (all-tied tail) -> alpha = inf
     dists = np.empty(count)
     rows_per_block = max(1, _FIT_BLOCK_CELLS // x.size)
     for a in range(0, count, rows_per_block):
@@ -272,11 +278,8 @@ def _best_candidate(x: np.ndarray) -> tuple[int, float, float]:
     a few dozen of 768 candidates need their exact row (checked against the full computation on
     random heavy-tailed, Gaussian and low-rank spectra in tests/test_spectral.py).
     """
-    logs = np.log(x)
+    logs, tails, _, alphas = _mle(x, 0)
     count = x.size - 1
-    tails = (x.size - np.arange(count)).astype(np.float64)
-    with np.errstate(divide="ignore"):
-        alphas = 1.0 + tails / _tail_sums(x, logs)
     sampled = np.arange(0, x.size, _KS_STRIDE)
     rows_per_block = max(1, _FIT_BLOCK_CELLS // sampled.size)
     bounds = np.concatenate([_ks_distances(logs, np.arange(a, min(a + rows_per_block, count)), alphas, tails, sampled)
@@ -291,9 +294,8 @@ def _best_candidate(x: np.ndarray) -> tuple[int, float, float]:
         for i, d in zip(rows.tolist(), exact.tolist()):
             if d < best_d or (d == best_d and i < best):
                 best, best_d = i, d
-    if best < 0:  # no finite D (an infinite eigenvalue): np.argmin's answer, the first NaN
-        dists = np.concatenate([_ks_distances(logs, np.arange(a, min(a + rows_per_block, count)), alphas, tails,
-                                              np.arange(a, x.size)) for a in range(0, count, rows_per_block)])
+    if best < 0:  # no finite D (an infinite eigenvalue): the full scan's answer, np.argmin's first NaN
+        _, dists, _ = _candidate_fits(x, bias=0)
         best = int(np.argmin(dists))
         best_d = float(dists[best])
     return best, float(alphas[best]), best_d

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from ckptscope.analyzers.contract import Analyzer, SameStep
 from ckptscope.errors import CkptscopeError, SourceError
-from ckptscope.pipeline.tasks import Architecture
+from ckptscope.pipeline.tasks import Architecture, still_to_run
 from ckptscope.sources.checkpoint import Checkpoint
 from ckptscope.sources.layers import classify
 from ckptscope.sources.local import CheckpointRef, Source
@@ -45,7 +45,7 @@ class Plan:
 
     def running(self, step: int, analyzers: list[Analyzer]) -> list[Analyzer]:
         """The analyzers that run on `step`: those without stored rows for it."""
-        return [a for a in analyzers if a.run_name not in self.done.get(step, frozenset())]
+        return still_to_run(analyzers, self.done.get(step, frozenset()))
 
     def ref(self, step: int) -> CheckpointRef:
         """Where a step is opened: a stored step serving as a reference from the reference cache (a trainer

@@ -159,6 +159,11 @@ class StepTask:
     stored_hash: str | None = None  # the step's content_hash in the store, when `skip` is not empty
 
 
+def still_to_run(analyzers: list[Analyzer], done: frozenset[str]) -> list[Analyzer]:
+    """The analyzers that run on a step: those whose rows for it (`done`, run names) are not stored."""
+    return [a for a in analyzers if a.run_name not in done]
+
+
 @dataclass
 class StepResult:
     """What a worker sends back for one step; `content_hash` is None when the step has no weights."""
@@ -202,7 +207,7 @@ class StepWorker:
         A candidate without weights (MissingRevision) is skipped and reported, never fatal.
         """
         started = time.perf_counter()
-        running = [a for a in self.analyzers if a.run_name not in task.skip]
+        running = still_to_run(self.analyzers, task.skip)
         roles = {r for a in running for r in a.references(a.options) if r in ROLES}  # only the references they use
         self.ckpts.refs.update((ref.step, ref) for ref in (*task.candidates, *task.pinned))
         steps = [ref.step for ref in task.candidates if ref.step not in self.missing]
